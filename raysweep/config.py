@@ -1,0 +1,439 @@
+"""The YAML schema of ``search_spaces/*.yaml``: pydantic models, loading, ``--set`` overrides.
+
+A sweep file has three sections::
+
+    experiment:   # what one unlearning run is: scenario, model, data, eval, training defaults
+    search:       # what Ray Tune varies: methods, per-method spaces, objective, scheduler, resources
+    tracking:     # where MLflow writes
+
+Everything is validated here, before Ray or a model is touched: a bad file gives one
+``ConfigError`` naming the file and the dotted key, which the command-line entry points turn
+into one line on stderr and exit code 2 (:func:`load_or_exit`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raysweep.data.synthetic import SyntheticSpec
+from raysweep.models import TinyModelSpec
+
+EMBEDDED = "embedded"
+EMBEDDED_RETAIN = "embedded-retain"
+SCENARIOS = ("fictitious", "continual", "real_world")
+SEARCHABLE = ("lr", "epochs", "forget_coeff", "reg_coeff", "beta", "lora_r")
+
+
+class ConfigError(Exception):
+    """A bad configuration: ``file`` and dotted ``key`` say where, ``message`` says what."""
+
+    def __init__(self, file: str | Path | None, key: str, message: str):
+        self.file = str(file) if file is not None else "<config>"
+        self.key = key
+        self.message = message
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"error: {where}: {self.message}".replace("\n", " ")
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+class ModelConfig(Strict):
+    name_or_path: str = EMBEDDED  # "embedded", a Hugging Face hub id, or a local directory
+    retain_model: str | None = None  # model trained without the forget set, for Forget Quality
+    retain_eval_log: Path | None = None  # or a TOFU-format eval_log_forget.json of that model
+    prompt_template: Literal["plain", "llama2", "llama3", "chat_template"] = "plain"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    embedded: TinyModelSpec = Field(default_factory=TinyModelSpec)
+
+    @field_validator("name_or_path", "retain_model")
+    @classmethod
+    def _model_exists(cls, value: str | None) -> str | None:
+        if value is None or value in (EMBEDDED, EMBEDDED_RETAIN):
+            return value
+        looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+        if looks_local and not Path(value).expanduser().is_dir():
+            raise ValueError(f"model directory {value!r} does not exist")
+        return value
+
+    @field_validator("retain_eval_log")
+    @classmethod
+    def _log_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+
+class SelectConfig(Strict):
+    """Real-world scenario: how many people to forget and to keep as neighbours (None = all)."""
+
+    forget_people: int | None = Field(default=None, ge=1)
+    neighbor_people: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(Strict):
+    source: Literal["synthetic", "local", "hub"] = "synthetic"
+    path: Path | None = None  # the seed JSONL layout directory, for source: local
+    forget_split: str = "forget10"
+    retain_split: str = "retain90"
+    task_ids: list[int] | None = Field(default_factory=lambda: [1])  # forget subtasks; None = all
+    idk_path: Path | None = None  # TOFU idontknow.jsonl; None = the project's own templates
+    max_length: int = Field(default=500, ge=8)
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+
+    @field_validator("idk_path")
+    @classmethod
+    def _idk_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _local_files_exist(self) -> "DataConfig":
+        if self.source != "local":
+            return self
+        if self.path is None:
+            raise _KeyedError("path", "required when source is 'local'")
+        if not self.path.expanduser().is_dir():
+            raise _KeyedError("path", f"data directory {str(self.path)!r} does not exist")
+        for split in (self.forget_split, self.retain_split):
+            file = self.path.expanduser() / f"{split}.json"
+            if not file.is_file():
+                key = "forget_split" if split == self.forget_split else "retain_split"
+                raise _KeyedError(key, f"data file {str(file)!r} does not exist")
+        return self
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=200, ge=8)  # prompt + generation, in tokens
+    max_forget_samples: int | None = Field(default=300, ge=1)
+    max_samples: int | None = Field(default=None, ge=1)  # cap per non-forget set
+    embedding_model: str | None = "sentence-transformers/paraphrase-MiniLM-L6-v2"
+    nli_model: str | None = "sileod/deberta-v3-base-tasksource-nli"
+    nli_batch_size: int = Field(default=32, ge=1)
+    forget_quality: bool = False
+    privacy: bool = True
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: Literal["cpu", "none"] = "none"
+    offload_param: Literal["cpu", "none"] = "none"
+    gradient_checkpointing: bool = True
+
+
+class TrainingConfig(Strict):
+    """One unlearning run's fixed values; the search section varies some of them per trial."""
+
+    method: str = "ME+GD"
+    lr: float = Field(default=1e-5, gt=0)
+    epochs: int = Field(default=5, ge=1)
+    forget_coeff: float = Field(default=1.0, ge=0)  # alpha
+    reg_coeff: float = Field(default=1.0, ge=0)  # gamma
+    beta: float = Field(default=0.1, gt=0)
+    effective_batch_size: int = Field(default=32, ge=1)  # per-device batch x accumulation x world
+    per_device_batch_size: int = Field(default=4, ge=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    seed: int = 1001
+    me_divergence: Literal["paper", "code"] = "code"
+    me_mask_question: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig | None = None
+    save_checkpoint: Literal["none", "final", "best"] = "none"
+    output_dir: Path | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return _check_method(value)
+
+
+class ExperimentConfig(Strict):
+    name: str = "raysweep"
+    scenario: Literal["fictitious", "continual", "real_world"] = "fictitious"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+# ----------------------------------------------------------------------------- search
+
+
+class Range(Strict):
+    """A searched parameter: exactly one of ``loguniform``, ``uniform``, ``int``, ``choice``."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None  # noqa: A003 (the YAML key)
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Range":
+        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice list is empty")
+            return self
+        low, high = getattr(self, kind)
+        if not low < high:
+            raise _KeyedError(kind, f"low ({low}) must be < high ({high})")
+        if kind == "loguniform" and low <= 0:
+            raise _KeyedError(kind, f"loguniform bounds must be > 0, got {low}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None)
+
+    def bounds(self) -> tuple[Any, Any]:
+        values = getattr(self, self.kind)
+        return (min(values), max(values)) if self.kind == "choice" else tuple(values)
+
+
+Param = Union[Range, float, int, bool]
+
+
+class ParamSpace(Strict):
+    """Per-parameter search space; a scalar fixes the value, a Range searches it."""
+
+    lr: Param | None = None
+    epochs: Param | None = None
+    forget_coeff: Param | None = None
+    reg_coeff: Param | None = None
+    beta: Param | None = None
+    lora_r: Param | None = None  # 0 = full fine-tuning, > 0 = LoRA of that rank
+
+    @model_validator(mode="after")
+    def _positive(self) -> "ParamSpace":
+        minimum = {"lr": (0.0, False), "beta": (0.0, False), "epochs": (1, True), "lora_r": (0, True)}
+        for name, (bound, inclusive) in minimum.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            low = value.bounds()[0] if isinstance(value, Range) else value
+            ok = low >= bound if inclusive else low > bound
+            if not ok:
+                sign = ">=" if inclusive else ">"
+                raise _KeyedError(name, f"must be {sign} {bound}, got {low}")
+        return self
+
+
+class SchedulerConfig(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
+    max_t: int | None = Field(default=None, ge=1)  # default: the largest epochs in the space
+
+
+class ResourcesConfig(Strict):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)
+
+
+class SearchConfig(Strict):
+    methods: list[str] = Field(default_factory=lambda: ["ME+GD"], min_length=1)
+    space: ParamSpace = Field(default_factory=ParamSpace)
+    overrides: dict[str, ParamSpace] = Field(default_factory=dict)  # per-method spaces
+    objective: Literal["mean", "pareto"] = "mean"
+    algorithm: Literal["optuna"] = "optuna"
+    seed: int = 0
+    enqueue_defaults: bool = True  # the paper's defaults of each method are tried first
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)
+    max_failures: int = Field(default=0, ge=0)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage_path: Path | None = None  # local dir, NFS path or s3://…; default ./ray_results
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            try:
+                _check_method(name)
+            except ValueError as err:
+                raise _KeyedError(str(i), str(err)) from None
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_name_methods(cls, value: dict[str, ParamSpace]) -> dict[str, ParamSpace]:
+        # A method may have overrides without being listed (e.g. --set search.methods=[…]
+        # narrows a sweep), but its name must be a method.
+        for name in value:
+            try:
+                _check_method(name)
+            except ValueError as err:
+                raise _KeyedError(name, str(err)) from None
+        return value
+
+    def space_for(self, method: str) -> ParamSpace:
+        """The method's space: ``space`` with the method's ``overrides`` laid on top."""
+        merged = self.space.model_dump(exclude_none=True)
+        if method in self.overrides:
+            merged.update(self.overrides[method].model_dump(exclude_none=True))
+        return ParamSpace.model_validate(merged)
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "raysweep"
+    redact_forget: bool = False
+    log_generations: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme = value.split("://", 1)[0] if "://" in value else "file"
+        if scheme not in ("sqlite", "file", "http", "https", "databricks", "postgresql", "mysql"):
+            raise ValueError(f"unknown MLflow tracking URI scheme {scheme!r}")
+        return value
+
+
+class SweepConfig(Strict):
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _KeyedError(ValueError):
+    """A validator's error about a sub-key (pydantic's location stops at the validated model)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def _check_method(name: str) -> str:
+    from raysweep.losses import parse_method  # torch import: only when a method is named
+
+    parse_method(name)
+    return name
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str | Path | None = None) -> dict:
+    """Apply ``a.b.c=value`` strings to a raw config dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(file, item, "--set expects KEY=VALUE")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(file, ".".join(parts[: depth + 1]), "is not a section, cannot --set below it")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            node[parts[-1]] = text
+    return raw
+
+
+def _error_from_validation(file: str | Path | None, err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    # Drop pydantic's own location steps: validator names ("function-after[…]") and union
+    # member names ("Range", "float", …) are not keys of the YAML file.
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    loc = [p for p in loc if p not in ("Range", "float", "int", "bool")]
+    message = first["msg"]
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyedError):
+        loc.append(ctx_err.key)
+        message = str(ctx_err)
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return ConfigError(file, ".".join(loc), message)
+
+
+def parse_config(raw: Any, file: str | Path | None = None) -> SweepConfig:
+    """Validate an already-parsed YAML document."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "top level must be a mapping of experiment/search/tracking")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _error_from_validation(file, err) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read, override and validate a sweep YAML; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "", "file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, where, f"not valid YAML ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", "top level must be a mapping of experiment/search/tracking")
+    apply_overrides(raw, overrides or [], path)
+    return parse_config(raw, path)
+
+
+def load_or_exit(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """:func:`load_config` for command-line entry points: one line on stderr and exit 2 on error."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(err.one_line(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def fail(file: str | Path | None, key: str, message: str) -> "NoReturn":  # noqa: F821
+    """Report a bad input found after schema validation (e.g. a data file's content) and exit 2."""
+    print(ConfigError(file, key, message).one_line(), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
