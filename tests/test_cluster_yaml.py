@@ -1,0 +1,209 @@
+"""cluster.yaml / cluster-gcp.yaml: valid for `ray up`, and shaped the way raysweep needs.
+
+Validation is Ray's own, offline: ``prepare_config`` (what ``ray up`` does first: merge with the
+provider's defaults.yaml, merge setup commands, check docker, fill per-type min/max workers) and
+``validate_config`` (the autoscaler's JSON schema ``ray-schema.json`` plus its cross-field checks).
+``ray up`` would then call the cloud (key pairs, IAM, subnets, instance-type lookup); that part is
+not exercised here. Every shell command of the file is also checked with ``bash -n``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_FILES = {"aws": ROOT / "cluster.yaml", "gcp": ROOT / "cluster-gcp.yaml"}
+TOFU = ROOT / "search_spaces" / "tofu.yaml"
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
+A100_INSTANCE = {"aws": "p4d.24xlarge", "gcp": "a2-highgpu-8g"}
+
+PROVIDERS = [p for p, path in CLUSTER_FILES.items() if path.is_file()]
+
+
+def load(provider: str) -> dict:
+    return yaml.safe_load(CLUSTER_FILES[provider].read_text())
+
+
+def prepared(provider: str) -> dict:
+    """The config as `ray up` sees it after Ray's offline preparation, validated by Ray."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(copy.deepcopy(load(provider)))
+    validate_config(config)  # raises jsonschema.ValidationError / ValueError when invalid
+    return config
+
+
+def head_type(config: dict) -> dict:
+    return config["available_node_types"][config["head_node_type"]]
+
+
+def worker_types(config: dict) -> dict[str, dict]:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def gpu_worker(config: dict) -> dict:
+    gpus = [t for t in worker_types(config).values() if t["resources"].get("GPU", 0) > 0]
+    assert len(gpus) == 1, "expected exactly one GPU worker node type"
+    return gpus[0]
+
+
+def instance_type(node: dict, provider: str) -> str:
+    return node["node_config"]["InstanceType" if provider == "aws" else "machineType"]
+
+
+def commands(config: dict, key: str) -> list[str]:
+    return list(config.get(key) or [])
+
+
+def all_commands(config: dict) -> list[str]:
+    return [c for key in COMMAND_KEYS for c in commands(config, key)]
+
+
+def start_flag_resources(cmd: str) -> dict:
+    match = re.search(r"--resources='(\{.*?\})'", cmd)
+    return json.loads(match.group(1)) if match else {}
+
+
+@pytest.fixture(scope="module", params=PROVIDERS)
+def provider(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def config(provider) -> dict:
+    return prepared(provider)
+
+
+def test_aws_cluster_file_exists():
+    assert CLUSTER_FILES["aws"].is_file()
+
+
+def test_ray_validates_config(config, provider):
+    assert config["provider"]["type"] == provider
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_ray_rejects_a_broken_config(provider):
+    """The validation is real: the same file with a typo'd key fails Ray's schema."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = copy.deepcopy(load(provider))
+    broken["available_node_types"][broken["head_node_type"]]["min_worker"] = 0  # typo
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_head_provides_trial_driver_and_no_cpu(config):
+    head = head_type(config)
+    assert head["resources"].get("trial_driver", 0) >= 1
+    # CPU 0: Train workers and CPU tasks never land on the head.
+    assert head["resources"].get("CPU") == 0
+    assert head.get("max_workers", 0) == 0
+    for node in worker_types(config).values():
+        assert "trial_driver" not in node["resources"], "trial drivers belong on the head only"
+
+
+def test_head_start_flags_match_node_type(config):
+    head = head_type(config)
+    starts = [c for c in commands(config, "head_start_ray_commands") if "ray start" in c]
+    assert len(starts) == 1
+    cmd = starts[0]
+    assert "--head" in cmd
+    assert start_flag_resources(cmd) == {"trial_driver": head["resources"]["trial_driver"]}
+    assert "--num-cpus=0" in cmd
+    for c in commands(config, "worker_start_ray_commands"):
+        assert "trial_driver" not in c
+
+
+def test_gpu_worker_is_autoscaled_a100(config, provider):
+    node = gpu_worker(config)
+    assert instance_type(node, provider) == A100_INSTANCE[provider]
+    assert node["resources"]["GPU"] == 8
+    assert node["resources"].get("accelerator_type:A100") == 1
+    assert node["min_workers"] == 0
+    assert node["max_workers"] >= 1
+    assert config["max_workers"] >= node["max_workers"]
+    assert config["idle_timeout_minutes"] > 0
+
+
+def test_enough_trial_drivers_to_fill_every_gpu_node(config):
+    """tofu.yaml's trial shape x max nodes: the head must not cap concurrency below the GPUs."""
+    res = yaml.safe_load(TOFU.read_text())["search"]["resources"]
+    node = gpu_worker(config)
+    per_trial_gpus = res["num_workers"] * res.get("gpus_per_worker", 1)
+    per_trial_cpus = res["num_workers"] * res.get("cpus_per_worker", 1)
+    trials_per_node = min(node["resources"]["GPU"] // per_trial_gpus, node["resources"]["CPU"] // per_trial_cpus)
+    assert trials_per_node >= 1, "a tofu.yaml trial does not fit on one GPU node"
+    assert head_type(config)["resources"]["trial_driver"] >= trials_per_node * node["max_workers"]
+
+
+def test_project_synced_and_installed_with_gpu_extra(config):
+    assert config["file_mounts"].get("~/raysweep") == "."
+    worker_setup = " ".join(commands(config, "worker_setup_commands"))
+    head_setup = " ".join(commands(config, "head_setup_commands"))
+    for setup in (worker_setup, head_setup):
+        assert re.search(r'DS_BUILD_OPS=0 pip install .*-e "\$HOME/raysweep\[gpu\]"', setup), setup
+    # Workers get a CUDA build of torch, the head a CPU one, both pinned before the project.
+    assert re.search(r"pip install \"torch==[\d.]+\" --index-url https://download\.pytorch\.org/whl/cu\d+", worker_setup)
+    assert re.search(r"pip install \"torch==[\d.]+\" --index-url https://download\.pytorch\.org/whl/cpu", head_setup)
+    assert worker_setup.index("torch==") < worker_setup.index("raysweep[gpu]")
+
+
+def test_nothing_bound_to_all_interfaces(config):
+    text = "\n".join(all_commands(config))
+    assert "0.0.0.0" not in text
+    head_start = "\n".join(commands(config, "head_start_ray_commands"))
+    assert "--dashboard-host=127.0.0.1" in head_start
+    mlflow = [c for c in commands(config, "head_start_ray_commands") if "mlflow server" in c]
+    assert len(mlflow) == 1
+    host = re.search(r"--host\s+\$\{?(\w+)\}?\s", mlflow[0])
+    assert host, "MLflow's --host must be a variable holding the head's private IP"
+    assert re.search(host.group(1) + r"=\"\$\(hostname -I \| awk '\{print \$1\}'\)\"", mlflow[0]), (
+        "MLflow must bind to the head's private IP (hostname -I), not 0.0.0.0 or a public address"
+    )
+    assert "sqlite:////home/ubuntu/mlflow.db" in mlflow[0]
+    assert re.search(r"--default-artifact-root (s3|gs)://", mlflow[0])
+
+
+def test_commands_are_valid_bash(config):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not available")
+    for cmd in all_commands(config):
+        result = subprocess.run([bash, "-n", "-c", cmd], capture_output=True, text=True)
+        assert result.returncode == 0, f"bash -n failed on:\n{cmd}\n{result.stderr}"
+
+
+def test_placeholders_are_marked(provider):
+    """Account-specific values are REPLACE_ME placeholders, never someone's real resource."""
+    text = CLUSTER_FILES[provider].read_text()
+    assert "REPLACE_ME" in text
+    if provider == "aws":
+        raw = load(provider)
+        for node in raw["available_node_types"].values():
+            assert "REPLACE_ME" in node["node_config"]["ImageId"]
+
+
+def test_gcp_gpu_node_terminates_on_host_maintenance():
+    """GCE rejects live migration of GPU VMs; `scheduling` is an object in the GCE API."""
+    if "gcp" not in PROVIDERS:
+        pytest.skip("no cluster-gcp.yaml")
+    node = gpu_worker(prepared("gcp"))
+    scheduling = node["node_config"]["scheduling"]
+    assert isinstance(scheduling, dict) and scheduling["onHostMaintenance"] == "TERMINATE"
