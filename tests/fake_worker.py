@@ -1,0 +1,84 @@
+"""A fast stand-in for ``raysweep.train.run_unlearning``, for testing the Ray mechanics.
+
+Selected with ``RAYSWEEP_WORKER=<this file>:run``. Reports deterministic MU/FE in [0, 1] from the
+sampled lr, forget_coeff and the epoch; sleeps ``RAYSWEEP_FAKE_SLEEP`` seconds per epoch. Appends
+one JSON line per event (``start``, ``epoch``, ``done``) to ``RAYSWEEP_FAKE_LOG`` with the trial's
+output directory (unique per trial), method, parameters, Ray node id and pid. Raises the real
+``raysweep.train.DivergenceError`` at epoch 2 when the trial's lr equals ``RAYSWEEP_FAKE_DIVERGE_LR``
+and its method is ``RAYSWEEP_FAKE_DIVERGE_METHOD``. With ``training.save_checkpoint`` != none it
+writes a small checkpoint directory like the real worker does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Report:
+    epoch: int
+    metrics: dict
+    samples: dict
+    checkpoint: str | None = None
+
+
+def _log(event: str, cfg, **extra) -> None:
+    path = os.environ.get("RAYSWEEP_FAKE_LOG")
+    if not path:
+        return
+    import ray
+
+    tr = cfg.training
+    row = {
+        "event": event,
+        "trial": str(tr.output_dir),
+        "method": tr.method,
+        "lr": tr.lr,
+        "epochs": tr.epochs,
+        "beta": tr.beta,
+        "node": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        **extra,
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def scores(lr: float, forget_coeff: float, epoch: int) -> tuple[float, float]:
+    """MU peaks near lr = 1e-5 and decays with epochs; FE grows with lr, alpha and epochs."""
+    mu = math.exp(-abs(math.log10(lr) + 5.0)) * (0.97 ** epoch)
+    fe = 1.0 - math.exp(-epoch * lr * 2e4 * (0.5 + forget_coeff))
+    return min(1.0, max(0.0, mu)), min(1.0, max(0.0, fe))
+
+
+def run(cfg, reporter, use_gpu: bool = False):
+    tr = cfg.training
+    sleep = float(os.environ.get("RAYSWEEP_FAKE_SLEEP", "0.3"))
+    diverge_lr = os.environ.get("RAYSWEEP_FAKE_DIVERGE_LR")
+    diverge_method = os.environ.get("RAYSWEEP_FAKE_DIVERGE_METHOD")
+    _log("start", cfg)
+    for epoch in range(1, tr.epochs + 1):
+        time.sleep(sleep)
+        if diverge_lr and math.isclose(tr.lr, float(diverge_lr)) and tr.method == diverge_method and epoch == 2:
+            from raysweep.train import DivergenceError
+
+            _log("diverge", cfg, epoch=epoch)
+            raise DivergenceError(f"loss became nan at epoch {epoch}, batch 0 (method {tr.method}, lr {tr.lr})")
+        mu, fe = scores(tr.lr, tr.forget_coeff, epoch)
+        metrics = {"epoch": epoch, "MU": mu, "FE": fe, "objective": (mu + fe) / 2, "forget/ROUGE": 1 - fe}
+        checkpoint = None
+        if tr.save_checkpoint != "none" and tr.output_dir is not None:
+            if tr.save_checkpoint == "best" or epoch == tr.epochs:
+                directory = Path(tr.output_dir) / tr.save_checkpoint
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "model.json").write_text(json.dumps({"epoch": epoch, "lr": tr.lr}))
+                checkpoint = str(directory)
+        _log("epoch", cfg, epoch=epoch)
+        reporter(Report(epoch, metrics, {}, checkpoint))
+    _log("done", cfg)

@@ -1,0 +1,445 @@
+"""Tests of ``raysweep.tune`` / ``raysweep.trial``: the search space, the CLI checks, and the Ray
+mechanics (ASHA, divergence, resume, two nodes) with the fast fake worker of ``fake_worker.py``.
+
+The Ray sweeps run ``python -m raysweep.tune`` as a subprocess with
+``RAYSWEEP_WORKER=tests/fake_worker.py:run``, so they test the command as users run it without
+needing the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from raysweep.config import ExperimentConfig, SweepConfig
+from raysweep.trial import TrialDiverged, divergence_message, sampled_params, trial_experiment
+from raysweep.tune import SpaceBuilder, error_reason, main, pareto_front, results_table, uses_beta
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_WORKER = f"{Path(__file__).resolve().parent / 'fake_worker.py'}:run"
+SWEEP_TIMEOUT = 400
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sweep_of(data: dict) -> SweepConfig:
+    return SweepConfig.model_validate(data)
+
+
+def fake_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYSWEEP_", "RAY_ADDRESS"))}
+    env.update(
+        RAYSWEEP_WORKER=FAKE_WORKER,
+        RAYSWEEP_FAKE_LOG=str(tmp_path / "fake_log.jsonl"),
+        RAYSWEEP_OBJECT_STORE_MB="200",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+        # Faster Train teardown and one actor less per trial on a 2-core CI machine.
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict, log: Path, timeout: float = SWEEP_TIMEOUT) -> subprocess.CompletedProcess:
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "raysweep.tune", *args],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+        )
+    return proc
+
+
+def fake_events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "fake_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+# ----------------------------------------------------------------------------- search space (no Ray)
+
+
+SPACE = {
+    "experiment": {"name": "unit", "training": {"lr": 2e-5, "epochs": 5, "lora": {"enabled": False}}},
+    "search": {
+        "methods": ["ME+GD", "GA+GD", "NPO+GD", "IDK+AP"],
+        "space": {
+            "lr": {"loguniform": [1e-6, 1e-5]},
+            "epochs": {"int": [2, 4]},
+            "forget_coeff": {"uniform": [0.2, 2.0]},
+            "beta": {"choice": [0.05, 0.2, 0.5]},
+            "reg_coeff": 1.0,
+            "lora_r": {"choice": [0, 8]},
+        },
+        "overrides": {"GA+GD": {"lr": {"loguniform": [1e-7, 1e-6]}}},
+    },
+}
+
+
+def test_uses_beta_only_for_npo_dpo_ap():
+    assert [m for m in ("GA+GD", "GA+KL", "NPO+GD", "DPO+KL", "IDK+GD", "ME+GD", "IDK+AP", "ME+KL", "DPO+AP")
+            if uses_beta(m)] == ["NPO+GD", "DPO+KL", "IDK+AP", "DPO+AP"]
+
+
+def test_space_builder_namespaces_params_and_samples_beta_only_where_used():
+    builder = SpaceBuilder(sweep_of(SPACE))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        config = builder(trial)
+        method = config["method"]
+        seen.add(method)
+        names = set(trial.params) - {"method"}
+        assert all(name.startswith(method + "/") for name in names), names
+        assert ("beta" in config) == (method in ("NPO+GD", "IDK+AP"))
+        assert (f"{method}/beta" in names) == ("beta" in config)
+        low, high = (1e-7, 1e-6) if method == "GA+GD" else (1e-6, 1e-5)
+        assert low <= config["lr"] <= high
+        assert isinstance(config["epochs"], int) and 2 <= config["epochs"] <= 4
+        assert config["reg_coeff"] == 1.0 and f"{method}/reg_coeff" not in names  # fixed, not searched
+        assert config["lora_r"] in (0, 8)
+        study.tell(trial, 0.5)
+    assert seen == {"ME+GD", "GA+GD", "NPO+GD", "IDK+AP"}
+
+
+def test_default_points_are_the_paper_defaults_clipped_and_enqueued_first():
+    builder = SpaceBuilder(sweep_of(SPACE))
+    points = builder.default_points()
+    by_method = {p["method"]: p for p in points}
+    # lr 2e-5 clipped into [1e-6, 1e-5]; into [1e-7, 1e-6] for GA+GD; epochs 5 -> 4.
+    assert by_method["ME+GD"]["ME+GD/lr"] == 1e-5
+    assert by_method["GA+GD"]["GA+GD/lr"] == 1e-6
+    assert by_method["ME+GD"]["ME+GD/epochs"] == 4
+    # alpha: 0.1 for ME+GD (paper, TOFU) clipped to the range's 0.2; 1.0 otherwise.
+    assert by_method["ME+GD"]["ME+GD/forget_coeff"] == 0.2
+    assert by_method["NPO+GD"]["NPO+GD/forget_coeff"] == 1.0
+    # beta 0.1 -> nearest choice (log scale: 0.05 and 0.2 are equally near; either is fine).
+    assert by_method["NPO+GD"]["NPO+GD/beta"] in (0.05, 0.2)
+    assert "GA+GD/beta" not in by_method["GA+GD"]
+    assert by_method["ME+GD"]["ME+GD/lora_r"] == 0  # LoRA disabled in training -> full fine-tuning
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for point in points:
+        study.enqueue_trial(point)
+    for point in points:
+        trial = study.ask()
+        config = builder(trial)
+        method = point["method"]
+        assert config["method"] == method
+        assert config["lr"] == point[f"{method}/lr"]
+        assert config["forget_coeff"] == point[f"{method}/forget_coeff"]
+        study.tell(trial, 0.1)
+
+
+def test_trial_experiment_lays_sampled_values_on_the_experiment():
+    base = ExperimentConfig.model_validate({"training": {"lr": 1e-5, "lora": {"enabled": False, "r": 4}}})
+    config = {"method": "NPO+GD", "NPO+GD": {"lr": 3e-6}, "lr": 3e-6, "epochs": 2, "beta": 0.3, "lora_r": 16}
+    params = sampled_params(config)
+    assert params == {"method": "NPO+GD", "lr": 3e-6, "epochs": 2, "beta": 0.3, "lora_r": 16}
+    cfg = trial_experiment(base, params, "/tmp/somewhere")
+    tr = cfg.training
+    assert (tr.method, tr.lr, tr.epochs, tr.beta) == ("NPO+GD", 3e-6, 2, 0.3)
+    assert tr.lora.enabled and tr.lora.r == 16 and str(tr.output_dir) == "/tmp/somewhere"
+    assert not trial_experiment(base, {"lora_r": 0}).training.lora.enabled
+    with pytest.raises(Exception):
+        trial_experiment(base, {"method": "NOPE"})
+
+
+def test_divergence_is_found_anywhere_in_the_exception_chain():
+    class DivergenceError(RuntimeError):
+        pass
+
+    class WorkerGroupError(RuntimeError):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    inner = DivergenceError("loss became nan at epoch 2")
+    outer = WorkerGroupError({0: inner, 1: RuntimeError("collateral")})
+    assert divergence_message(outer) == "DivergenceError: loss became nan at epoch 2"
+    try:
+        try:
+            raise inner
+        except DivergenceError as err:
+            raise RuntimeError("wrapped") from err
+    except RuntimeError as err:
+        assert divergence_message(err) == "DivergenceError: loss became nan at epoch 2"
+    assert divergence_message(RuntimeError("out of memory")) is None
+    assert isinstance(TrialDiverged("x"), RuntimeError)
+
+
+def test_error_reason_and_tables():
+    text = 'Traceback (most recent call last):\n  File "x.py", line 1\nraysweep.trial.TrialDiverged: DivergenceError: loss became nan\n'
+    assert error_reason(text) == "DivergenceError: loss became nan"
+    assert error_reason("Traceback:\n  File 'a'\nValueError: bad thing\n") == "ValueError: bad thing"
+
+    def summary(tid, mu, fe, status="TERMINATED"):
+        metrics = {"epoch": 1, "MU": mu, "FE": fe, "objective": (mu + fe) / 2}
+        return {"trial_id": tid, "status": status, "params": {"method": "GA+GD", "lr": 1e-5}, "best": metrics,
+                "last": metrics, "error": None if status == "TERMINATED" else "DivergenceError: x",
+                "early_stopped": False, "checkpoint": None}
+
+    rows = [summary("a", 0.9, 0.05), summary("b", 0.5, 0.5), summary("c", 0.4, 0.4), summary("d", 1.0, 1.0, "ERROR")]
+    assert [s["trial_id"] for s in pareto_front(rows)] == ["a", "b"]
+    table = results_table(rows).splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["b", "a", "c", "d"]  # objective order, errors last
+    assert "DivergenceError: x" in table[-1]
+
+
+# ----------------------------------------------------------------------------- CLI checks (no Ray)
+
+
+GOOD = {
+    "experiment": {"name": "cli", "training": {"epochs": 2}},
+    "search": {"methods": ["GA+GD"], "num_samples": 1},
+}
+
+
+def _exit_code(capsys, argv) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return info.value.code, err
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("bad_yaml", "line"),
+        ("unknown_set", "search.bogus: unknown key"),
+        ("bad_value", "search.scheduler.grace_period"),
+        ("resume_empty", "no experiment to resume"),
+        ("gpu_missing", "search.resources.use_gpu"),
+        ("storage_unwritable", "not writable"),
+        ("too_many_cpus", "search.resources.cpus_per_worker"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line_and_no_ray(tmp_path, capsys, monkeypatch, case, expect):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    space = write_yaml(tmp_path / "space.yaml", GOOD)
+    argv = ["--space", str(space), "--storage", str(tmp_path / "results")]
+    if case == "bad_yaml":
+        space.write_text("search:\n  methods: [GA+GD\n")
+    elif case == "unknown_set":
+        argv += ["--set", "search.bogus=1"]
+    elif case == "bad_value":
+        argv += ["--set", "search.scheduler.grace_period=5"]  # > max_t = 2 epochs
+    elif case == "resume_empty":
+        (tmp_path / "results" / "nothing").mkdir(parents=True)
+        argv += ["--name", "nothing", "--resume"]
+    elif case == "gpu_missing":
+        monkeypatch.setattr("raysweep.tune._gpu_count", lambda: 0)
+        argv += ["--set", "search.resources.use_gpu=true"]
+    elif case == "storage_unwritable":
+        (tmp_path / "file").write_text("not a directory")
+        argv = ["--space", str(space), "--storage", str(tmp_path / "file" / "results")]
+    elif case == "too_many_cpus":
+        argv += ["--set", "search.resources.cpus_per_worker=4096"]
+    code, err = _exit_code(capsys, argv)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expect in err[0]
+    if case not in ("storage_unwritable", "resume_empty"):
+        assert str(space) in err[0]
+    assert not ray.is_initialized()
+
+
+def test_cli_error_as_a_subprocess(tmp_path):
+    space = write_yaml(tmp_path / "space.yaml", {"search": {"methods": ["GA+GD"], "nope": 1}})
+    env = fake_env(tmp_path)
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "raysweep.tune", "--space", str(space), "--storage", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {space}: search.nope: unknown key"]
+    assert "Ray" not in proc.stdout and time.time() - started < 60
+
+
+# ----------------------------------------------------------------------------- Ray sweeps (fake worker)
+
+
+E2E = {
+    "experiment": {"name": "e2e", "training": {"lr": 1e-5, "epochs": 3, "save_checkpoint": "best"}},
+    "search": {
+        "methods": ["NPO+GD", "GA+GD"],
+        "space": {
+            "lr": {"loguniform": [1e-6, 1e-4]},
+            "epochs": 3,
+            "forget_coeff": {"uniform": [0.05, 1.0]},
+            "beta": {"loguniform": [0.05, 0.5]},
+        },
+        "num_samples": 4,
+        "max_concurrent": 2,
+        "seed": 3,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def e2e_sweep(tmp_path_factory):
+    """One sweep, 4 trials over NPO+GD and GA+GD with ASHA; GA+GD's default (lr 1e-5) diverges."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    space = write_yaml(tmp / "space.yaml", E2E)
+    env = fake_env(tmp, RAYSWEEP_FAKE_DIVERGE_LR="1e-5", RAYSWEEP_FAKE_DIVERGE_METHOD="GA+GD",
+                   RAYSWEEP_FAKE_SLEEP="0.5")
+    log = tmp / "driver.log"
+    started = time.time()
+    proc = run_cli(["--space", str(space), "--storage", str(tmp / "results"), "--name", "sweep"], env, log)
+    return {"tmp": tmp, "proc": proc, "log": log, "path": tmp / "results" / "sweep", "seconds": time.time() - started}
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(e2e_sweep):
+    path, log = e2e_sweep["path"], e2e_sweep["log"]
+    assert e2e_sweep["proc"].returncode == 0, tail(log)
+    out = log.read_text()
+    # The progress table has our columns; the final table is sorted by objective.
+    assert "| method" in out and "α" in out and "objective" in out
+    assert "Results (sorted by objective" in out
+
+    trials = json.loads((path / "trials.json").read_text())
+    assert len(trials) == 4
+    assert {t["params"]["method"] for t in trials} == {"NPO+GD", "GA+GD"}
+    ok = [t for t in trials if t["status"] == "TERMINATED"]
+    assert len(ok) == 3 and all(t["status"] in ("TERMINATED", "ERROR") for t in trials)
+    for t in ok:
+        assert 1 <= t["last"]["epoch"] <= 3
+        for row in t["history"]:
+            assert 0 <= row["MU"] <= 1 and 0 <= row["FE"] <= 1
+            assert math.isclose(row["objective"], (row["MU"] + row["FE"]) / 2)
+    # The paper defaults were enqueued first.
+    params = [t["params"] for t in trials]
+    assert {"method": "NPO+GD", "lr": 1e-5, "epochs": 3, "forget_coeff": 1.0, "reg_coeff": 1.0, "beta": 0.1} in params
+    assert {"method": "GA+GD", "lr": 1e-5, "epochs": 3, "forget_coeff": 1.0, "reg_coeff": 1.0} in params
+
+    # beta is never sampled for GA: absent from the Tune config of every GA trial.
+    for trial_dir in path.glob("run_trial_*"):
+        config = json.loads((trial_dir / "params.json").read_text())
+        if config["method"] == "GA+GD":
+            assert "beta" not in config and "beta" not in config.get("GA+GD", {})
+        else:
+            assert 0.05 <= config["beta"] <= 0.5
+
+    best = json.loads((path / "best.json").read_text())
+    cfg = ExperimentConfig.model_validate(best["config"])
+    assert cfg.training.method == best["params"]["method"] and cfg.training.lr == best["params"]["lr"]
+    assert best["status"] == "TERMINATED"
+    m = best["metrics"]
+    assert 0 <= m["MU"] <= 1 and 0 <= m["FE"] <= 1 and m["epoch"] == best["best_epoch"]
+    assert m["objective"] == max(r["objective"] for t in ok for r in t["history"])
+    assert best["checkpoint"] and (Path(best["checkpoint"]) / "model.json").is_file()
+    assert best["trials"] == {"total": 4, "finished": 3, "early_stopped": best["trials"]["early_stopped"], "errored": 1}
+    print(f"e2e sweep: {e2e_sweep['seconds']:.0f} s")
+
+
+@pytest.mark.slow
+def test_divergent_trial_is_errored_and_sweep_goes_on(e2e_sweep):
+    path = e2e_sweep["path"]
+    assert e2e_sweep["proc"].returncode == 0, tail(e2e_sweep["log"])
+    trials = json.loads((path / "trials.json").read_text())
+    errored = [t for t in trials if t["status"] == "ERROR"]
+    assert len(errored) == 1
+    bad = errored[0]
+    assert bad["params"]["method"] == "GA+GD" and bad["params"]["lr"] == 1e-5
+    assert bad["error"].startswith("DivergenceError: loss became nan at epoch 2")
+    assert (Path(bad["path"]) / "diverged.txt").read_text().startswith("DivergenceError")
+    assert "DivergenceError" in e2e_sweep["log"].read_text()
+    assert (path / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_runs_every_trial_once(tmp_path):
+    data = {
+        "experiment": {"name": "resume", "training": {"lr": 1e-5, "epochs": 2}},
+        "search": {"methods": ["ME+GD"], "space": {"lr": {"loguniform": [1e-6, 1e-4]}},
+                   "num_samples": 3, "max_concurrent": 1, "scheduler": {"type": "none"}},
+    }
+    space = write_yaml(tmp_path / "space.yaml", data)
+    env = fake_env(tmp_path, RAYSWEEP_FAKE_SLEEP="1.0", TUNE_GLOBAL_CHECKPOINT_S="1")
+    args = ["--space", str(space), "--storage", str(tmp_path / "results"), "--name", "exp"]
+    path = tmp_path / "results" / "exp"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "raysweep.tune", *args], cwd=REPO, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None:
+            states = list(path.glob("experiment_state-*.json"))
+            if states and "TERMINATED" in states[0].read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, "the sweep ended before it could be killed:\n" + tail(tmp_path / "first.log")
+        assert time.time() < deadline, "no trial finished in time:\n" + tail(tmp_path / "first.log")
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and everything in its session
+        first.wait()
+        log.close()
+    done_before = [e["trial"] for e in fake_events(tmp_path) if e["event"] == "done"]
+    assert len(done_before) >= 1
+
+    proc = run_cli([*args, "--resume"], env, tmp_path / "second.log")
+    assert proc.returncode == 0, tail(tmp_path / "second.log")
+    trials = json.loads((path / "trials.json").read_text())
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials)
+    events = fake_events(tmp_path)
+    done = [e["trial"] for e in events if e["event"] == "done"]
+    assert sorted(set(done)) == sorted(done) and len(done) == 3, done  # every trial finished exactly once
+    for trial in done_before:  # a trial finished before the kill was not started again
+        assert sum(e["event"] == "start" and e["trial"] == trial for e in events) == 1
+    assert (path / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_trials_on_both_nodes(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    data = {
+        "experiment": {"name": "cluster", "training": {"lr": 1e-5, "epochs": 2}},
+        "search": {"methods": ["ME+GD", "NPO+GD"], "space": {"lr": {"loguniform": [1e-6, 1e-4]}},
+                   "num_samples": 2, "max_concurrent": 2, "objective": "pareto", "scheduler": {"type": "none"}},
+    }
+    space = write_yaml(tmp_path / "space.yaml", data)
+    env = fake_env(tmp_path, RAYSWEEP_FAKE_SLEEP="2.0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.setenv(key, env[key])  # the cluster's raylets start the trial drivers
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"trial_driver": 1}, "object_store_memory": 100 * 1024 * 1024})
+    try:
+        cluster.add_node(num_cpus=1, resources={"trial_driver": 1}, object_store_memory=100 * 1024 * 1024)
+        cluster.wait_for_nodes()
+        log = tmp_path / "driver.log"
+        proc = run_cli(["--space", str(space), "--storage", str(tmp_path / "results"), "--name", "exp",
+                        "--address", cluster.address], env, log)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, tail(log)
+    starts = [e for e in fake_events(tmp_path) if e["event"] == "start"]
+    assert len(starts) == 2
+    assert len({e["node"] for e in starts}) == 2, starts  # one trial's worker on each node
+    best = json.loads((tmp_path / "results" / "exp" / "best.json").read_text())
+    assert best["objective"] == "pareto" and 1 <= len(best["pareto_front"]) <= 2
+    assert "Started a local Ray instance" not in log.read_text()
