@@ -1,0 +1,186 @@
+"""Scenarios: which model, which training sets and which evaluation sets one run uses.
+
+``resolve(cfg)`` turns the experiment section into concrete paths (building the embedded
+default on first use); ``load_run_data(cfg, resolved)`` reads the records.  The three scenarios
+of the paper differ only here:
+
+- ``fictitious``: TOFU-style forget split (``task_ids`` of ``forgetXX``) against ``retainYY``;
+  evaluated on forget, retain, real authors and world facts.
+- ``continual``: the same files, one forget subtask per step (see :func:`continual_steps`).
+- ``real_world``: real people in the seed layout (``forget``, ``neighbor``, ``*_perturbed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from raysweep.config import EMBEDDED, EMBEDDED_RETAIN, ExperimentConfig
+from raysweep.data.loaders import load_hub_split, load_local_split
+from raysweep.data.records import QARecord
+from raysweep.data.templates import load_idk_templates
+
+# How a set is scored (paper Appendix D): TOFU's fictitious QA, TOFU's general-knowledge sets
+# (short answer + options, sentence-long ``original_answer``) or real-world people.
+Style = Literal["tofu", "general", "real_world"]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set. ``is_forget`` sets go into FE, the others into MU."""
+
+    name: str
+    records: list[QARecord]
+    is_forget: bool
+    style: Style
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Concrete locations for one experiment."""
+
+    model: str  # hub id or directory
+    retain_model: str | None
+    data_dir: Path | None  # seed-layout directory (local or embedded); None for the hub
+    embedded_stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    forget: list[QARecord]
+    retain: list[QARecord]
+    idk_templates: list[str]
+    eval_sets: dict[str, EvalSet]
+
+
+def _uses_embedded(cfg: ExperimentConfig) -> bool:
+    names = (cfg.model.name_or_path, cfg.model.retain_model)
+    return cfg.data.source == "synthetic" or EMBEDDED in names or EMBEDDED_RETAIN in names
+
+
+def resolve(cfg: ExperimentConfig) -> Resolved:
+    """Paths of model, retain model and data; builds the embedded default when it is asked for."""
+    artifacts = None
+    if _uses_embedded(cfg):
+        from raysweep.prepare import ensure_embedded
+
+        artifacts = ensure_embedded(cfg.data.synthetic, cfg.model.embedded)
+
+    def model_path(name: str | None) -> str | None:
+        if name == EMBEDDED:
+            return str(artifacts.target_dir)
+        if name == EMBEDDED_RETAIN:
+            return str(artifacts.retain_dir)
+        return name
+
+    retain = cfg.model.retain_model
+    if retain is None and cfg.model.name_or_path == EMBEDDED:
+        retain = EMBEDDED_RETAIN  # the embedded default always has its retain model
+    if cfg.data.source == "synthetic":
+        data_dir = Path(artifacts.data_dir)
+    elif cfg.data.source == "local":
+        data_dir = Path(cfg.data.path).expanduser()
+    else:
+        data_dir = None
+    return Resolved(
+        model=model_path(cfg.model.name_or_path),
+        retain_model=model_path(retain),
+        data_dir=data_dir,
+        embedded_stats=dict(artifacts.stats) if artifacts is not None else {},
+    )
+
+
+def _split_loader(resolved: Resolved):
+    if resolved.data_dir is None:
+        return lambda split, task_ids=None: load_hub_split(split, task_ids=task_ids)
+    return lambda split, task_ids=None: load_local_split(resolved.data_dir, split, task_ids=task_ids)
+
+
+def _first_people(records: list[QARecord], n: int | None) -> list[QARecord]:
+    if n is None:
+        return records
+    keep: list[str] = []
+    for r in records:
+        if r.name not in keep:
+            keep.append(r.name)
+    keep_set = set(keep[:n])
+    return [r for r in records if r.name in keep_set]
+
+
+def _cap(records: list[QARecord], n: int | None) -> list[QARecord]:
+    return records if n is None else records[:n]
+
+
+def continual_tasks(cfg: ExperimentConfig, resolved: Resolved) -> list[int]:
+    """The forget subtasks of a continual run, in the order they are unlearned."""
+    present = sorted({r.task_id for r in _split_loader(resolved)(cfg.data.forget_split) if r.task_id is not None})
+    if not present:
+        raise ValueError(f"{cfg.data.forget_split} has no task_id: it cannot be unlearned continually")
+    tasks = [t for t in present if cfg.data.task_ids is None or t in cfg.data.task_ids]
+    return tasks[: cfg.continual.steps] if cfg.continual.steps else tasks
+
+
+def load_step_data(cfg: ExperimentConfig, resolved: Resolved, tasks: list[int], step: int) -> RunData:
+    """Step ``step`` (0-based) of a continual run: forget task ``tasks[step]``.
+
+    The retain set is the base retain split (without any forget task) plus every forget task not
+    yet unlearned, so it shrinks step by step; ``continual.retain_min_size`` tops it up with
+    unrelated general QA (paper Fig. 7b) when it gets smaller than that.
+    """
+    load = _split_loader(resolved)
+    base = load_run_data(cfg, resolved, task_ids=[tasks[step]])
+    all_forget = load(cfg.data.forget_split)
+    every_forget_question = {r.question for r in all_forget}
+    later = set(tasks[step + 1 :])
+    retain = [r for r in load(cfg.data.retain_split) if r.question not in every_forget_question]
+    retain += [r for r in all_forget if r.task_id in later]
+    minimum = cfg.continual.retain_min_size
+    if minimum is not None and len(retain) < minimum:
+        extra = [
+            QARecord(question=r.question, answer=r.original_answer or r.answer)
+            for r in load(cfg.continual.supplement_split)
+        ]
+        if not extra:
+            raise ValueError(f"continual.supplement_split {cfg.continual.supplement_split!r} is empty")
+        retain += [extra[i % len(extra)] for i in range(minimum - len(retain))]
+    base.retain = retain
+    return base
+
+
+def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int] | None = None) -> RunData:
+    """Training and evaluation records of one run (``task_ids`` overrides ``data.task_ids``)."""
+    load = _split_loader(resolved)
+    data, ev = cfg.data, cfg.eval
+    task_ids = task_ids if task_ids is not None else data.task_ids
+    idk = load_idk_templates(data.idk_path)
+
+    if cfg.scenario == "real_world":
+        forget = _first_people(load(data.forget_split, task_ids), data.select.forget_people)
+        retain = _first_people(load(data.retain_split), data.select.neighbor_people)
+        forget_names = {r.name for r in forget}
+        forget_eval = [r for r in load(f"{data.forget_split}_perturbed") if r.name in forget_names]
+        neighbor_eval = _first_people(load(f"{data.retain_split}_perturbed"), data.select.neighbor_people)
+        eval_sets = {
+            "forget": EvalSet("forget", _cap(forget_eval, ev.max_forget_samples), True, "real_world"),
+            "neighbor": EvalSet("neighbor", _cap(neighbor_eval, ev.max_samples), False, "real_world"),
+        }
+        return RunData(forget, retain, idk, eval_sets)
+
+    forget = load(data.forget_split, task_ids)
+    forget_questions = {r.question for r in forget}
+    # In the seed layout later continual subtasks also sit in retainXX: never train on the
+    # forget set as retain data.
+    retain = [r for r in load(data.retain_split) if r.question not in forget_questions]
+    forget_eval = load(f"{data.forget_split}_perturbed", task_ids)
+    eval_sets = {
+        "forget": EvalSet("forget", _cap(forget_eval, ev.max_forget_samples), True, "tofu"),
+        "retain": EvalSet("retain", _cap(load("retain_perturbed"), ev.max_samples), False, "tofu"),
+        "real_authors": EvalSet(
+            "real_authors", _cap(load("real_authors_perturbed"), ev.max_samples), False, "general"
+        ),
+        "world_facts": EvalSet(
+            "world_facts", _cap(load("world_facts_perturbed"), ev.max_samples), False, "general"
+        ),
+    }
+    return RunData(forget, retain, idk, eval_sets)

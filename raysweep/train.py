@@ -1,0 +1,447 @@
+"""The unlearning worker: one function that runs one unlearning run, with or without Ray.
+
+``run_unlearning(cfg, reporter)`` is called as-is by ``python -m raysweep.unlearn`` (a plain
+process) and by every Ray Train rank (``raysweep.tune`` wraps it); nothing here imports Ray.
+Under Ray Train the process group is already initialised and ``RANK``/``LOCAL_RANK``/
+``WORLD_SIZE`` are set; we only read them.
+
+The recipe, top to bottom:
+
+1. resolve model and data (the embedded default is built on first use), seed everything;
+2. load tokenizer + model (+ LoRA), build the forget/retain/IDK data loader;
+3. reference: NPO/DPO get the initial model's sequence log-probs once (a tensor, no second
+   model); KL gets a frozen copy of the initial model;
+4. AdamW (weight decay 0.01), linear warm-up over the first epoch then linear decay, gradient
+   accumulation so that per-device batch x accumulation x world size = effective batch;
+   DeepSpeed ZeRO-3 (bf16 on GPU, gradient checkpointing, optional CPU offload) when configured;
+5. every epoch: train, evaluate, hand ``EpochReport`` to the reporter (every rank calls it);
+6. optional checkpoint of the final or best epoch.
+
+A non-finite loss raises :class:`DivergenceError`, which the caller records as a failed run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from raysweep.config import ExperimentConfig
+from raysweep.data.unlearn_dataset import UnlearnDataset, collate_unlearn
+from raysweep.losses import LossParams, collect_reference_logps, compute_loss, parse_method
+from raysweep.models import apply_lora, load_model, load_tokenizer
+from raysweep.scenarios import Resolved, RunData, load_run_data, resolve
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass
+class EpochReport:
+    """What the worker hands to the reporter after each epoch's evaluation."""
+
+    epoch: int
+    metrics: dict[str, float]  # "epoch", "objective", "MU", "FE", "<set>/<metric>", "train/…"
+    samples: dict[str, list[dict]]  # per evaluation set, per question (the generations table)
+    checkpoint: str | None = None  # directory of a checkpoint saved at this epoch, if any
+
+
+@dataclass
+class RunResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    checkpoint: str | None = None
+    model: Any = field(default=None, repr=False)  # the trained model (Hugging Face, unwrapped)
+
+
+Reporter = Callable[[EpochReport], None]
+Evaluator = Callable[[torch.nn.Module, Any], "tuple[dict[str, float], dict[str, list[dict]]]"]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current_world(use_gpu: bool) -> World:
+    """Rank, world size and device of this process (1 process, CPU, when not distributed)."""
+    initialized = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if initialized else 0
+    size = dist.get_world_size() if initialized else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_gpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return World(rank, local_rank, size, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
+    """Data parallelism without DDP wrapping (our loss runs several forwards per step)."""
+    if world.size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world.size)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def accumulation_steps(effective: int, per_device: int, world_size: int) -> int:
+    """Gradient accumulation that keeps per-device batch x accumulation x world = effective."""
+    per_step = per_device * world_size
+    steps = max(1, round(effective / per_step))
+    if steps * per_step != effective:
+        print(
+            f"warning: effective batch {effective} is not a multiple of per-device batch "
+            f"{per_device} x world size {world_size}; using {steps * per_step}",
+            file=sys.stderr,
+        )
+    return steps
+
+
+def warmup_then_linear_decay(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak lr over ``warmup_steps``, then linear decay to 0 at the end."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> dict:
+    """DeepSpeed config dict: ZeRO stage, offload, bf16 on GPU (fp32 on CPU)."""
+    ds, tr = cfg.training.deepspeed, cfg.training
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            overlap_comm=use_gpu,
+            contiguous_gradients=True,
+        )
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": tr.per_device_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_gpu)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def default_evaluator(cfg: ExperimentConfig, resolved: Resolved, data: RunData, world: World) -> Evaluator:
+    """The full evaluation of ``raysweep.eval`` (R, P, TR, TE, CS, ES per set, MU, FE)."""
+    from raysweep.eval.evaluate import Evaluator as FullEvaluator
+
+    return FullEvaluator(
+        cfg,
+        data.eval_sets,
+        retain_model=resolved.retain_model,
+        data_dir=resolved.data_dir,
+        device=world.device,
+        synced_gpus=cfg.training.deepspeed is not None and cfg.training.deepspeed.zero_stage == 3 and world.size > 1,
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_unlearning(
+    cfg: ExperimentConfig,
+    reporter: Reporter | None = None,
+    *,
+    use_gpu: bool = False,
+    evaluator: Evaluator | None = None,
+    resolved: Resolved | None = None,
+    data: RunData | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    reference: torch.nn.Module | None = None,
+    evaluate_epochs: str = "every",
+) -> RunResult:
+    """Run one unlearning run described by ``cfg`` and report after every evaluated epoch.
+
+    ``model``/``tokenizer``/``data`` let a caller (the continual scenario) chain runs on an
+    in-memory model; by default they are loaded from ``cfg``.  ``reference``: the model NPO,
+    DPO and KL compare with (default: this run's starting model).  ``evaluate_epochs``:
+    ``"every"`` epoch or only the ``"last"`` one.
+    """
+    if evaluate_epochs not in ("every", "last"):
+        raise ValueError(f"evaluate_epochs must be 'every' or 'last', got {evaluate_epochs!r}")
+    tr = cfg.training
+    world = current_world(use_gpu)
+    seed_everything(tr.seed)
+    method = parse_method(tr.method)
+    params = LossParams(
+        forget_coeff=tr.forget_coeff,
+        reg_coeff=tr.reg_coeff,
+        beta=tr.beta,
+        me_divergence=tr.me_divergence,
+        me_mask_question=tr.me_mask_question,
+    )
+
+    # 1-2. model, tokenizer, data ------------------------------------------------------------
+    resolved = resolved or resolve(cfg)
+    data = data or load_run_data(cfg, resolved)
+    if not data.forget:
+        raise ValueError("the forget set is empty")
+    if method.regularizer is not None and not data.retain:
+        raise ValueError("the retain set is empty but the method has a regularizer")
+    tokenizer = tokenizer or load_tokenizer(resolved.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    use_ds = tr.deepspeed is not None
+    grad_accum = accumulation_steps(tr.effective_batch_size, tr.per_device_batch_size, world.size)
+    ds_config = deepspeed_config(cfg, grad_accum, use_gpu) if use_ds else None
+    hf_ds_config = None
+    if use_ds and tr.deepspeed.zero_stage == 3 and model is None:
+        # Must exist before from_pretrained so that weights load straight into ZeRO-3 partitions.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if (use_gpu and torch.cuda.is_available()) else "float32"
+    if model is None:
+        model = load_model(resolved.model, dtype=dtype)
+    if use_ds and tr.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    dataset = UnlearnDataset(
+        data.forget, data.retain, data.idk_templates, tokenizer,
+        cfg.model.prompt_template, cfg.data.max_length, tr.seed,
+    )
+    collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=tr.seed)
+        if world.size > 1
+        else None
+    )
+    generator = torch.Generator().manual_seed(tr.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=tr.per_device_batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=generator if sampler is None else None,
+    )
+
+    # 3. reference ------------------------------------------------------------------------
+    # The reference anchors NPO/DPO (log-probs) and KL (distributions): by default a snapshot
+    # of the model as this run starts; the continual scenario may pass the initial model.
+    ref_model = None
+    if reference is not None and (method.needs_ref_model or method.needs_ref_logps):
+        ref_model = _freeze(reference)
+    elif method.needs_ref_model:
+        ref_model = _freeze(copy.deepcopy(model))
+    if not use_ds:
+        model.to(world.device)
+        if ref_model is not None:
+            ref_model.to(world.device)
+
+    if tr.lora.enabled:
+        model = apply_lora(model, r=tr.lora.r, alpha=tr.lora.alpha, dropout=tr.lora.dropout,
+                           target_modules=tr.lora.target_modules)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 4. optimisation -----------------------------------------------------------------------
+    steps_per_epoch = math.ceil(len(loader) / grad_accum)
+    total_steps = steps_per_epoch * tr.epochs
+    warmup_steps = int(round(tr.warmup_epochs * steps_per_epoch))
+    if use_ds and tr.deepspeed.offload_optimizer == "cpu":
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed insists on its own CPU Adam
+        # (JIT-compiled on first use; AdamW semantics with adamw_mode=True).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable, lr=tr.lr, weight_decay=tr.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
+    scheduler = warmup_then_linear_decay(optimizer, warmup_steps, total_steps)
+    engine = model
+    if use_ds:
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=trainable,
+        )
+        if ref_model is not None:
+            ref_config = {k: v for k, v in ds_config.items() if k != "gradient_accumulation_steps"}
+            if tr.deepspeed.zero_stage != 3:
+                ref_config["zero_optimization"] = {"stage": 0}
+            ref_model, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+            ref_model.eval()
+        world = World(world.rank, world.local_rank, world.size, engine.device)
+
+    ref_logps = None
+    if method.needs_ref_logps:
+        full_loader = DataLoader(dataset, batch_size=tr.per_device_batch_size, shuffle=False, collate_fn=collate)
+        ref_logps = collect_reference_logps(
+            engine if reference is None else ref_model,
+            (_to_device(b, world.device) for b in full_loader), len(dataset), method.ref_logp_keys,
+        )
+        if not method.needs_ref_model:
+            ref_model = None  # NPO/DPO need only the log-probs: hold no second model
+
+    if evaluator is None:
+        evaluator = default_evaluator(cfg, resolved, data, world)
+
+    # 5. epochs -----------------------------------------------------------------------------
+    result = RunResult()
+    best_objective = -math.inf
+    for epoch in range(1, tr.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        engine.train()
+        started = time.perf_counter()
+        sums = {"loss": 0.0, "forget_loss": 0.0, "reg_loss": 0.0}
+        n_batches = 0
+        for i, batch in enumerate(loader):
+            batch = _to_device(batch, world.device)
+            loss, parts = compute_loss(method, engine, batch, params, ref_model=ref_model, ref_logps=ref_logps)
+            if not torch.isfinite(loss):
+                raise DivergenceError(
+                    f"loss became {float(loss.detach())} at epoch {epoch}, batch {i} "
+                    f"(method {method.name}, lr {tr.lr}); the run stops here"
+                )
+            for k in sums:
+                sums[k] += parts[k]
+            n_batches += 1
+            if use_ds:
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps optimizer and scheduler at accumulation boundaries
+                continue
+            (loss / grad_accum).backward()
+            if (i + 1) % grad_accum == 0 or i + 1 == len(loader):
+                average_gradients(trainable, world)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        train_seconds = time.perf_counter() - started
+        if evaluate_epochs == "last" and epoch < tr.epochs:
+            continue
+
+        engine.eval()
+        started = time.perf_counter()
+        with torch.no_grad():
+            metrics, samples = evaluator(_unwrap(engine), tokenizer)
+        metrics = dict(metrics)
+        metrics.update({f"train/{k}": v / max(1, n_batches) for k, v in sums.items()})
+        metrics.update({
+            "epoch": epoch,
+            "train/lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else tr.lr,
+            "time/train_s": train_seconds,
+            "time/eval_s": time.perf_counter() - started,
+        })
+        if use_ds:
+            metrics["train/zero_stage"] = float(engine.zero_optimization_stage())
+        if "objective" not in metrics and "MU" in metrics and "FE" in metrics:
+            metrics["objective"] = (metrics["MU"] + metrics["FE"]) / 2
+
+        checkpoint = None
+        objective = metrics.get("objective", -math.inf)
+        is_best = objective > best_objective
+        if is_best:
+            best_objective = objective
+            result.best = metrics
+        if tr.save_checkpoint == "best" and is_best or tr.save_checkpoint == "final" and epoch == tr.epochs:
+            checkpoint = save_checkpoint(engine, tokenizer, _output_dir(cfg) / tr.save_checkpoint, world, use_ds)
+            result.checkpoint = checkpoint
+        result.history.append(metrics)
+        if reporter is not None:
+            reporter(EpochReport(epoch, metrics, samples, checkpoint))
+    result.model = _unwrap(engine)
+    return result
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _output_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.training.output_dir or Path("outputs") / cfg.name)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            out[key] = {k: v.to(device) for k, v in value.items()}
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        else:
+            out[key] = value
+    return out
+
+
+def _unwrap(engine: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine (generation needs ``.generate``)."""
+    return getattr(engine, "module", engine)
+
+
+def save_checkpoint(engine, tokenizer, directory: Path, world: World, use_ds: bool) -> str:
+    """Save the model in Hugging Face format (LoRA adapters are merged) on rank 0."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(engine)
+    state_dict = None
+    if use_ds:
+        # Every rank takes part in gathering ZeRO-3 partitions; only rank 0 gets the full dict.
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights() else None
+    if world.is_main:
+        to_save = model
+        if hasattr(model, "merge_and_unload"):
+            to_save = copy.deepcopy(model).merge_and_unload()
+            state_dict = None
+        to_save.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    if world.size > 1:
+        dist.barrier()
+    return str(directory)
