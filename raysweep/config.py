@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysweep.data.synthetic import SyntheticSpec
+from raysweep.eval.downstream import DownstreamConfig
 from raysweep.models import TinyModelSpec
 
 EMBEDDED = "embedded"
@@ -131,6 +132,8 @@ class EvalConfig(Strict):
     nli_batch_size: int = Field(default=32, ge=1)
     forget_quality: bool = False
     privacy: bool = True
+    downstream: DownstreamConfig | None = None  # lm-eval tasks at the end of a trial
+    objective_includes_downstream: bool = False  # objective = mean(MU, FE, downstream scores)
 
 
 class LoraConfig(Strict):
@@ -175,6 +178,16 @@ class TrainingConfig(Strict):
         return _check_method(value)
 
 
+class ContinualConfig(Strict):
+    """Continual unlearning: the forget subtasks are unlearned one after another."""
+
+    reference: Literal["previous", "initial"] = "previous"  # what NPO/DPO/KL compare with
+    objective: Literal["mean", "final"] = "mean"  # over steps of (MU + FE) / 2
+    steps: int | None = Field(default=None, ge=1)  # first N subtasks; None = all
+    retain_min_size: int | None = Field(default=None, ge=1)  # top the retain set up to this size
+    supplement_split: str = "world_facts_perturbed"  # unrelated general QA used to top it up
+
+
 class ExperimentConfig(Strict):
     name: str = "raysweep"
     scenario: Literal["fictitious", "continual", "real_world"] = "fictitious"
@@ -182,6 +195,7 @@ class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
 
 # ----------------------------------------------------------------------------- search

@@ -1,0 +1,58 @@
+"""One trial, whatever the scenario: the entry point that ``unlearn`` and each Ray Train rank call.
+
+``fictitious`` and ``real_world`` are one unlearning run (``train.run_unlearning``);
+``continual`` chains one run per forget subtask (``continual.run_continual``).  Downstream
+lm-eval tasks, when configured, run once at the end on the final model and are added to the
+last report's metrics (``downstream/<task>``; optionally folded into the objective).
+"""
+
+from __future__ import annotations
+
+from raysweep.config import ExperimentConfig
+from raysweep.train import EpochReport, Reporter, RunResult, run_unlearning
+
+
+def run_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None, *, use_gpu: bool = False) -> RunResult:
+    downstream = cfg.eval.downstream
+    if downstream is None:
+        return _run(cfg, reporter, use_gpu)
+
+    # Hold back the last report until the downstream scores are in, so that Tune, MLflow and
+    # the objective see them at the final epoch / step.
+    held: list[EpochReport] = []
+
+    def holding(report: EpochReport) -> None:
+        if held and reporter is not None:
+            reporter(held.pop())
+        held.append(report)
+
+    result = _run(cfg, holding, use_gpu)
+    from raysweep.eval.downstream import run_downstream
+
+    model = result.model
+    scores = run_downstream(model, _tokenizer_for(cfg), downstream)
+    last = held.pop()
+    last.metrics.update(scores)
+    if cfg.eval.objective_includes_downstream:
+        values = [last.metrics["MU"], last.metrics["FE"], *scores.values()]
+        last.metrics["objective"] = sum(values) / len(values)
+    if result.history:
+        result.history[-1].update(last.metrics)
+    if reporter is not None:
+        reporter(last)
+    return result
+
+
+def _run(cfg: ExperimentConfig, reporter, use_gpu: bool) -> RunResult:
+    if cfg.scenario == "continual":
+        from raysweep.continual import run_continual
+
+        return run_continual(cfg, reporter, use_gpu=use_gpu)
+    return run_unlearning(cfg, reporter, use_gpu=use_gpu)
+
+
+def _tokenizer_for(cfg: ExperimentConfig):
+    from raysweep.models import load_tokenizer
+    from raysweep.scenarios import resolve
+
+    return load_tokenizer(resolve(cfg).model)
