@@ -14,10 +14,9 @@ into one line on stderr and exit code 2 (:func:`load_or_exit`).
 from __future__ import annotations
 
 import builtins
-import math
 import sys
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NoReturn, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -443,11 +442,8 @@ def load_or_exit(path: str | Path, overrides: list[str] | None = None) -> SweepC
         raise SystemExit(2) from None
 
 
-def fail(file: str | Path | None, key: str, message: str) -> "NoReturn":  # noqa: F821
+def fail(file: str | Path | None, key: str, message: str) -> NoReturn:
     """Report a bad input found after schema validation (e.g. a data file's content) and exit 2."""
     print(ConfigError(file, key, message).one_line(), file=sys.stderr)
     raise SystemExit(2)
 
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", help="also write metrics (and per-sample rows) to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_or_exit(args.space, [*args.overrides, f"experiment.model.name_or_path={args.model}"]).experiment
+    from raysweep.scenarios import preflight_data
+
+    preflight_data(cfg)
 
     import torch
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from raysweep.config import EMBEDDED, EMBEDDED_RETAIN, ExperimentConfig
-from raysweep.data.loaders import load_hub_split, load_local_split
+from raysweep.data.loaders import DataError, load_hub_split, load_local_split
 from raysweep.data.records import QARecord
 from raysweep.data.templates import load_idk_templates
 
@@ -168,10 +168,7 @@ def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int]
         return RunData(forget, retain, idk, eval_sets)
 
     forget = load(data.forget_split, task_ids)
-    forget_questions = {r.question for r in forget}
-    # In the seed layout later continual subtasks also sit in retainXX: never train on the
-    # forget set as retain data.
-    retain = [r for r in load(data.retain_split) if r.question not in forget_questions]
+    retain = load(data.retain_split)
     forget_eval = load(f"{data.forget_split}_perturbed", task_ids)
     eval_sets = {
         "forget": EvalSet("forget", _cap(forget_eval, ev.max_forget_samples), True, "tofu"),
@@ -184,3 +181,53 @@ def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int]
         ),
     }
     return RunData(forget, retain, idk, eval_sets)
+
+
+def check_run_data(cfg: ExperimentConfig, resolved: Resolved, data: RunData) -> None:
+    """Content checks of a run's data, done before any model or Ray work.
+
+    Raises ``DataError`` naming the split: an empty forget set, forget and retain sharing
+    questions (the model would be told to forget and to keep the same answer), or perturbed
+    answer lists of inconsistent length within an evaluation set.
+    """
+    where = resolved.data_dir if resolved.data_dir is not None else Path("hub")
+    split = lambda name: where / f"{name}.json"  # noqa: E731
+    if not data.forget:
+        raise DataError(split(cfg.data.forget_split), "task_id", "the forget set is empty")
+    shared = {r.question for r in data.forget} & {r.question for r in data.retain}
+    if shared:
+        example = sorted(shared)[0]
+        raise DataError(
+            split(cfg.data.retain_split), "question",
+            f"{len(shared)} question(s) are in both the forget and the retain set, e.g. {example!r}",
+        )
+    for eval_set in data.eval_sets.values():
+        lengths = {len(r.perturbed_answer) for r in eval_set.records}
+        if 0 in lengths or len(lengths) > 1:
+            raise DataError(
+                f"evaluation set {eval_set.name!r}", "perturbed_answer",
+                f"every record needs the same number (>= 1) of perturbed answers, found {sorted(lengths)}",
+            )
+
+
+def preflight_data(cfg: ExperimentConfig) -> None:
+    """Read and check local data files before anything heavy starts (exit 2 on bad content).
+
+    Only ``source: local`` is read here: synthetic data is generated correct by construction
+    and hub data would need a download.
+    """
+    if cfg.data.source != "local":
+        return
+    from raysweep.config import fail
+
+    resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
+    try:
+        if cfg.scenario == "continual":
+            tasks = continual_tasks(cfg, resolved)
+            data = load_step_data(cfg, resolved, tasks, 0)
+        else:
+            data = load_run_data(cfg, resolved)
+        check_run_data(cfg, resolved, data)
+    except DataError as err:
+        where = err.path if err.line is None else f"{err.path}:{err.line}"
+        fail(where, err.key or "", err.message)

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.method:
         overrides.append(f"experiment.training.method={args.method}")
     cfg = load_or_exit(args.config, overrides)
+    from raysweep.scenarios import preflight_data
+
+    preflight_data(cfg.experiment)
 
     from raysweep.runner import run_experiment
     from raysweep.train import DivergenceError
