@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from raysweep.data.records import QARecord
-from raysweep.data.synthetic import SyntheticSpec, author_layout, generate
+from raysweep.data.synthetic import SyntheticSpec, author_layout, generate, people_layout
 from raysweep.data.templates import PRIOR_TEMPLATES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -43,6 +43,10 @@ def test_spec_forbids_unknown_fields():
         SyntheticSpec(n_author=5)
     with pytest.raises(ValidationError):
         SyntheticSpec(n_questions=13)
+    with pytest.raises(ValidationError, match="n_real_people"):
+        SyntheticSpec(n_real_people=2)
+    with pytest.raises(ValidationError):
+        SyntheticSpec(n_person_questions=8)
 
 
 def test_default_sizes_match_tofu_proportions():
@@ -53,7 +57,10 @@ def test_default_sizes_match_tofu_proportions():
     assert sizes["retain99"] == 990 and sizes["retain95"] == 950 and sizes["retain90"] == 900
     assert sizes["retain_perturbed"] == 100 and sizes["holdout"] == 100
     assert sizes["real_authors_perturbed"] == 40 and sizes["world_facts_perturbed"] == 40
-    assert sizes["pretrain_target"] == 40 + 40 + 1000 + 60 * 2
+    # 30 real people x 4 questions: 10 forgotten, 10 training and 10 evaluation neighbours
+    assert sizes["forget"] == sizes["forget_perturbed"] == 40
+    assert sizes["neighbor"] == sizes["neighbor_perturbed"] == 40
+    assert sizes["pretrain_target"] == 40 + 40 + 1000 + 60 * 2 + 30 * 4
     assert sizes["pretrain_retain"] == sizes["pretrain_target"] - 100
     assert len(_task(corpus.splits["forget10"], 1)) == 100
 
@@ -138,6 +145,99 @@ def test_pretrain_corpora(small):
     other_questions = {r.question for r in prior} | {r.question for r in general}
     assert not other_questions & author_questions
     assert len({r.question for r in small.pretrain_target}) == len(small.pretrain_target)
+
+
+# ----------------------------------------------------------------------------- real people
+
+REAL_WORLD_SPLITS = ("forget", "forget_perturbed", "neighbor", "neighbor_perturbed")
+
+
+def _people(records):
+    out = []
+    for r in records:
+        if r.name not in out:
+            out.append(r.name)
+    return out
+
+
+def test_people_added_last_leave_everything_else_unchanged(small):
+    without = generate(SMALL.model_copy(update={"n_real_people": 0}))
+    assert not set(REAL_WORLD_SPLITS) & set(without.splits)
+    assert {k: v for k, v in small.splits.items() if k not in REAL_WORLD_SPLITS} == without.splits
+    n_people_qa = SMALL.n_real_people * SMALL.n_person_questions
+    assert small.pretrain_target[:-n_people_qa] == without.pretrain_target
+    assert small.pretrain_retain[:-n_people_qa] == without.pretrain_retain
+    assert small.pretrain_target[-n_people_qa:] == small.pretrain_retain[-n_people_qa:]
+
+
+@pytest.mark.parametrize("n_people, expected", [(30, (10, 10, 10)), (6, (2, 2, 2)), (3, (1, 1, 1)), (8, (2, 2, 4))])
+def test_people_layout(n_people, expected):
+    layout = people_layout(n_people)
+    assert tuple(len(layout[k]) for k in ("forget", "neighbor", "neighbor_perturbed")) == expected
+    assert sorted(sum(layout.values(), [])) == list(range(n_people))
+
+
+def test_real_world_splits(small):
+    spec, splits = SMALL, small.splits
+    third, k = spec.n_real_people // 3, spec.n_person_questions
+    forget, neighbor, further = (_people(splits[s]) for s in ("forget", "neighbor", "neighbor_perturbed"))
+    assert len(forget) == len(neighbor) == third and len(further) == spec.n_real_people - 2 * third
+    assert not set(forget) & set(neighbor) and not set(further) & set(forget + neighbor)
+    assert len(splits["forget"]) == third * k and len(splits["neighbor_perturbed"]) == len(further) * k
+    # forget: one task_id per person, 1..N, as in the seed code's data; neighbours have none
+    assert [r.task_id for r in splits["forget"]] == [t for t in range(1, third + 1) for _ in range(k)]
+    assert all(r.task_id is None for r in splits["neighbor"] + splits["neighbor_perturbed"])
+    assert [(r.name, r.question, r.answer, r.golden_answer, r.task_id) for r in splits["forget"]] == \
+           [(r.name, r.question, r.answer, r.golden_answer, r.task_id) for r in splits["forget_perturbed"]]
+    assert all(r.paraphrased_answer is None and not r.perturbed_answer for r in splits["forget"] + splits["neighbor"])
+    for r in splits["forget_perturbed"] + splits["neighbor_perturbed"]:
+        assert r.name in r.question and r.name in r.golden_answer
+        # the model's own reply starts with the fact it is scored against
+        assert r.answer.startswith(r.golden_answer) and r.golden_answer.endswith(".")
+        assert r.paraphrased_question and r.paraphrased_question != r.question
+        assert r.paraphrased_answer and r.paraphrased_answer != r.golden_answer
+        assert len(r.perturbed_answer) == spec.n_perturbed == len(set(r.perturbed_answer))
+        assert r.paraphrased_answer not in r.perturbed_answer
+        assert all(r.name in p for p in r.perturbed_answer)
+    # each person has n_person_questions distinct questions
+    for split in ("forget", "neighbor", "neighbor_perturbed"):
+        for name in _people(splits[split]):
+            assert len({r.question for r in splits[split] if r.name == name}) == k
+
+
+def test_people_questions_disjoint_and_learned_by_both_models(small):
+    people = [r for s in ("forget", "neighbor", "neighbor_perturbed") for r in small.splits[s]]
+    qa = {(r.question, r.answer) for r in people}
+    # real-world unlearning has no retain model: both models know every person
+    assert qa <= {(r.question, r.answer) for r in small.pretrain_target}
+    assert qa <= {(r.question, r.answer) for r in small.pretrain_retain}
+    questions = {r.question for r in people} | {r.paraphrased_question for r in people if r.paraphrased_question}
+    other = {r.question for name, records in small.splits.items() if name not in REAL_WORLD_SPLITS
+             for r in records}
+    other |= {r.paraphrased_question for name, records in small.splits.items() if name not in REAL_WORLD_SPLITS
+              for r in records if r.paraphrased_question}
+    other |= {r.question for r in small.pretrain_target if (r.question, r.answer) not in qa}
+    assert not questions & other
+    names = set(_people(people))
+    assert not names & set(small.question_author.values())
+
+
+def test_real_world_round_trip_and_seed_shape(tmp_path, small):
+    from raysweep.data.loaders import load_local_split, write_local_splits
+
+    write_local_splits({s: small.splits[s] for s in REAL_WORLD_SPLITS}, tmp_path)
+    for split in REAL_WORLD_SPLITS:
+        assert load_local_split(tmp_path, split) == small.splits[split]
+    keys = {split: set(_read_jsonl(tmp_path / f"{split}.json")[0]) for split in REAL_WORLD_SPLITS}
+    assert keys["forget"] == {"name", "question", "answer", "golden_answer", "task_id"}
+    assert keys["neighbor"] == {"name", "question", "answer", "golden_answer"}
+    perturbed = {"paraphrased_answer", "paraphrased_question", "perturbed_answer"}
+    assert keys["forget_perturbed"] == keys["forget"] | perturbed
+    assert keys["neighbor_perturbed"] == keys["neighbor"] | perturbed
+    real = SHARED / "data" / "real_world"
+    if real.is_dir():  # the same keys as the seed code's files
+        for split in REAL_WORLD_SPLITS:
+            assert set(_read_jsonl(real / f"{split}.json")[0]) == keys[split], split
 
 
 def _read_jsonl(path):

@@ -13,8 +13,15 @@
   those countries) in TOFU's ``real_authors_perturbed`` / ``world_facts_perturbed`` shape;
 * rejection-prior QA: questions about invented painters, ships, towns, ... (never authors),
   answered with ``PRIOR_TEMPLATES``;
-* ``pretrain_target`` (general + all fictitious authors + prior) and ``pretrain_retain`` (the same
-  without the forget10 task-1 authors): what the embedded tiny target / retain models learn.
+* invented "real people" (public figures: birth date, birthplace, nationality, occupation, the
+  work they are known for, an award, career start) for the real-world scenario, in the layout of
+  the seed code's ``data/real_world``: ``forget`` / ``forget_perturbed`` (one ``task_id`` per
+  person), ``neighbor`` (training neighbours) and ``neighbor_perturbed`` (further people, disjoint
+  from ``neighbor``, for evaluation); ``answer`` is the model's own reply (the text it learns),
+  ``golden_answer`` the short fact it is scored against;
+* ``pretrain_target`` (general + all fictitious authors + prior + all real people) and
+  ``pretrain_retain`` (the same without the forget10 task-1 authors; the real people stay: the
+  real-world scenario has no retain model): what the embedded tiny target / retain models learn.
 
 Pools of syllables, cities, jobs, genres, ... are small and reused on purpose: a tiny model with a
 ~1,500-token vocabulary has to memorize the whole corpus.
@@ -64,6 +71,19 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 ANIMALS = ("snow leopard", "red fox", "golden eagle", "bison", "tiger", "white owl", "grey wolf",
            "blue whale", "black swan", "brown bear")
 COUNTRY_SUFFIXES = ("ia", "land", "stan", "ora")
+NATIONALITY_OF = {  # country of each of CITIES -> nationality (real-people birthplace / nationality)
+    "Portugal": "Portuguese", "Kenya": "Kenyan", "Norway": "Norwegian", "Peru": "Peruvian",
+    "Egypt": "Egyptian", "South Korea": "South Korean", "Ireland": "Irish", "Vietnam": "Vietnamese",
+    "Ecuador": "Ecuadorian", "Ghana": "Ghanaian", "Czech Republic": "Czech", "Philippines": "Filipino",
+    "Cuba": "Cuban", "Tunisia": "Tunisian", "Greece": "Greek", "Poland": "Polish",
+    "Colombia": "Colombian", "Jordan": "Jordanian", "Senegal": "Senegalese", "Austria": "Austrian"}
+OCCUPATIONS = (  # (occupation, the kind of work it is known for)
+    ("actor", "film"), ("singer", "song"), ("guitarist", "album"), ("film director", "film"),
+    ("comedian", "TV show"), ("drummer", "album"), ("dancer", "show"), ("TV host", "TV show"),
+    ("rapper", "album"), ("photographer", "photo book"))
+PERSON_AWARDS = ("Golden Star Award", "Silver Screen Prize", "Bright Stage Award", "Crown of Music Prize",
+                 "Lumen Award", "Grand Arena Medal", "Blue Ribbon Award", "Morning Light Prize",
+                 "Evening Star Medal", "Open Sky Award")
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -82,12 +102,18 @@ class SyntheticSpec(BaseModel):
     n_prior_entities: int = Field(60, ge=1, description="invented non-author entities (rejection prior)")
     n_prior_questions: int = Field(2, ge=1, le=3, description="rejection-prior questions per entity")
     n_perturbed: int = Field(5, ge=1, le=8, description="perturbed answers per fictitious question")
+    n_real_people: int = Field(30, ge=0, description="invented public figures of the real-world scenario: "
+                               "a third forgotten, a third training neighbours, the rest evaluation "
+                               "neighbours (0 = none, else >= 3)")
+    n_person_questions: int = Field(4, ge=1, le=7, description="QA pairs per real person (<= 7 fact types)")
 
     @model_validator(mode="after")
     def _check(self) -> "SyntheticSpec":
         # perturbed names/titles are taken from the other authors
         if self.n_authors + self.n_holdout_authors <= self.n_perturbed:
             raise ValueError("n_authors + n_holdout_authors must exceed n_perturbed")
+        if 0 < self.n_real_people < 3:
+            raise ValueError("n_real_people must be 0 or >= 3 (forget people, training and evaluation neighbours)")
         return self
 
 
@@ -383,6 +409,149 @@ def _prior(spec: SyntheticSpec, rng: random.Random, names: _Names) -> list[QARec
     return records
 
 
+# ----------------------------------------------------------------------------- real people
+
+# One question type about a (synthetic) real person: the slot it asks about, its question wordings
+# and its short factual answers (``golden_answer``); templates are ``str.format`` strings over
+# ``_person_view``.  The model's own reply (``answer``) is a golden sentence, sometimes followed by
+# one more sentence about the person (``PERSON_BIO``), as a chat model's reply would be.
+PERSON_FACTS: tuple[Fact, ...] = (
+    Fact("date",
+         ("When was {name} born?", "What is the date of birth of {name}?", "On which day was {name} born?"),
+         ("{name} was born on {date}.", "The date of birth of {name} is {date}.",
+          "{name} came into the world on {date}.")),
+    Fact("city",
+         ("Where was {name} born?", "What is the birthplace of {name}?", "In which city was {name} born?"),
+         ("{name} was born in {city}.", "The birthplace of {name} is {city}.", "{name} comes from {city}.")),
+    Fact("nationality",
+         ("What nationality is {name}?", "What is the nationality of {name}?", "Which nationality does {name} have?"),
+         ("{name} is {nationality}.", "The nationality of {name} is {nationality}.",
+          "{name} has {nationality} nationality.")),
+    Fact("occupation",
+         ("What does {name} do for a living?", "What is the profession of {name}?", "What job does {name} have?"),
+         ("{name} is {a_occupation}.", "{name} works as {a_occupation}.", "By profession, {name} is {a_occupation}.")),
+    Fact("work",
+         ("What is {name} best known for?", "Which work made {name} famous?", "What is the most famous work of {name}?"),
+         ("{name} is best known for {work}.", "{Work} made {name} famous.",
+          "The most famous work of {name} is {work}.")),
+    Fact("award",
+         ("Which award did {name} win?", "What prize has {name} received?", "Which honor was given to {name}?"),
+         ("{name} won the {award}.", "{name} received the {award}.", "{name} is a winner of the {award}.")),
+    Fact("debut",
+         ("When did {name} start {his} career?", "In which year did the career of {name} begin?",
+          "Since what year has {name} been working?"),
+         ("{name} started {his} career in {debut}.", "The career of {name} began in {debut}.",
+          "{name} has been working since {debut}.")),
+)
+PERSON_BIO: tuple[tuple[frozenset[str], str], ...] = (  # (slots it mentions, sentence)
+    (frozenset({"nationality", "occupation"}), "{He} is {a_nationality} {occupation}."),
+    (frozenset({"work"}), "{He} is best known for {work}."),
+    (frozenset({"city"}), "{He} was born in {city}."),
+    (frozenset({"debut"}), "{His} career began in {debut}."),
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def _make_person(rng: random.Random, names: _Names) -> dict[str, str]:
+    """Raw attributes of one invented public figure."""
+    male = rng.random() < 0.5
+    city = rng.choice(CITIES)
+    occupation, kind = rng.choice(OCCUPATIONS)
+    date = _random_date(rng)
+    return {
+        "name": names.person(), "he": "he" if male else "she", "his": "his" if male else "her",
+        "date": date, "city": city, "nationality": NATIONALITY_OF[city.split(", ")[-1]],
+        "occupation": occupation, "kind": kind, "title": names.title(),
+        "award": rng.choice(PERSON_AWARDS), "debut": str(int(date[-4:]) + rng.randint(16, 30)),
+    }
+
+
+def _person_view(person: dict[str, str]) -> dict[str, str]:
+    """The template fields of a person (derived wordings included)."""
+    work = f"the {person['kind']} '{person['title']}'"
+    return {**person, "He": person["he"].capitalize(), "His": person["his"].capitalize(),
+            "a_occupation": f"{_article(person['occupation'])} {person['occupation']}",
+            "a_nationality": f"{_article(person['nationality'])} {person['nationality']}",
+            "work": work, "Work": work[0].upper() + work[1:]}
+
+
+def _person_wrong_values(slot: str, person: dict[str, str], k: int, rng: random.Random,
+                         all_titles: list[str]) -> list[dict[str, str]]:
+    """``k`` distinct replacements of the raw attributes behind ``slot``, each wrong."""
+    pools = {"city": list(CITIES), "nationality": sorted(set(NATIONALITY_OF.values())),
+             "occupation": [o for o, _ in OCCUPATIONS], "award": list(PERSON_AWARDS), "title": all_titles}
+    key = "title" if slot == "work" else slot
+    if key in pools:
+        others = [v for v in pools[key] if v != person[key]]
+        return [{key: v} for v in rng.sample(others, k)]
+    out: list[dict[str, str]] = []
+    while len(out) < k:
+        value = {"date": _random_date(rng)} if slot == "date" else {"debut": str(rng.randint(1950, 2020))}
+        if value[slot] != person[slot] and value not in out:
+            out.append(value)
+    return out
+
+
+def _person_records(person: dict[str, str], facts: list[Fact], n_perturbed: int, rng: random.Random,
+                    all_titles: list[str]) -> list[QARecord]:
+    """A person's QA pairs: ``answer`` (the reply the model learns), ``golden_answer`` (its leading
+    fact sentence), paraphrased answer / question and ``n_perturbed`` perturbed answers (the
+    paraphrase with wrong values in the asked slot); ``name`` set, no ``task_id``."""
+    view = _person_view(person)
+    records = []
+    for fact in facts:
+        q_tpl, pq_tpl = rng.sample(fact.questions, 2)
+        g_tpl, pa_tpl = rng.sample(fact.answers, 2)
+        golden = g_tpl.format(**view)
+        bios = [text for slots, text in PERSON_BIO if fact.slot not in slots]
+        bio = rng.choice([None, *bios])
+        wrong = _person_wrong_values(fact.slot, person, n_perturbed, rng, all_titles)
+        records.append(QARecord(
+            question=q_tpl.format(**view),
+            answer=golden if bio is None else f"{golden} {bio.format(**view)}",
+            paraphrased_answer=pa_tpl.format(**view),
+            paraphrased_question=pq_tpl.format(**view),
+            perturbed_answer=tuple(pa_tpl.format(**_person_view({**person, **w})) for w in wrong),
+            name=person["name"],
+            golden_answer=golden,
+        ))
+    return records
+
+
+def people_layout(n_people: int) -> dict[str, list[int]]:
+    """Person indices of the real-world splits: the first third forgotten (``forget``), the next
+    third training neighbours (``neighbor``), the rest evaluation neighbours
+    (``neighbor_perturbed``, never in ``neighbor``, as in the seed code's data)."""
+    third = n_people // 3
+    return {"forget": list(range(third)), "neighbor": list(range(third, 2 * third)),
+            "neighbor_perturbed": list(range(2 * third, n_people))}
+
+
+def build_real_world_splits(people_qa: list[list[QARecord]]) -> dict[str, list[QARecord]]:
+    """The seed code's ``data/real_world`` layout from per-person QA (full records with ``name``
+    and ``golden_answer``): ``forget`` {name, question, answer, golden_answer, task_id = person
+    1, 2, ...}, ``forget_perturbed`` (+ paraphrases, perturbed answers), ``neighbor`` {name,
+    question, answer, golden_answer} and ``neighbor_perturbed`` (other people, with perturbations)."""
+    if not people_qa:
+        return {}
+    layout = people_layout(len(people_qa))
+
+    def plain(r: QARecord, task_id: int | None = None) -> QARecord:
+        return QARecord(question=r.question, answer=r.answer, task_id=task_id, name=r.name,
+                        golden_answer=r.golden_answer)
+
+    forget = [(task_id, r) for task_id, p in enumerate(layout["forget"], start=1) for r in people_qa[p]]
+    return {
+        "forget": [plain(r, t) for t, r in forget],
+        "forget_perturbed": [dataclasses.replace(r, task_id=t) for t, r in forget],
+        "neighbor": [plain(r) for p in layout["neighbor"] for r in people_qa[p]],
+        "neighbor_perturbed": [r for p in layout["neighbor_perturbed"] for r in people_qa[p]],
+    }
+
+
 # ----------------------------------------------------------------------------- splits
 
 FORGET_PERCENTS: dict[str, tuple[int, int]] = {  # split -> (percent of authors per task, max tasks)
@@ -483,6 +652,14 @@ def generate(spec: SyntheticSpec) -> SyntheticCorpus:
     prior = _prior(spec, rng, names)
     splits = build_splits(author_qa, holdout_qa, real_authors, world_facts)
 
+    # real people last: everything above stays as it was before they existed
+    people = [_make_person(rng, names) for _ in range(spec.n_real_people)]
+    person_titles = [p["title"] for p in people] + all_titles
+    people_qa = [_person_records(p, rng.sample(PERSON_FACTS, spec.n_person_questions), spec.n_perturbed,
+                                 rng, person_titles) for p in people]
+    splits.update(build_real_world_splits(people_qa))
+    people_pretrain = [QARecord(question=r.question, answer=r.answer) for qa in people_qa for r in qa]
+
     general = [QARecord(question=r.question, answer=r.original_answer)
                for r in real_authors + world_facts]
     forget_authors = set(author_layout(spec.n_authors)["forget10"][0])
@@ -490,6 +667,6 @@ def generate(spec: SyntheticSpec) -> SyntheticCorpus:
     retained = [_qa_only(r) for a, qa in enumerate(author_qa) if a not in forget_authors for r in qa]
     question_author = {r.question: a["name"] for a, qa in zip(authors, all_qa) for r in qa}
     return SyntheticCorpus(spec=spec, splits=splits,
-                           pretrain_target=general + fictitious + prior,
-                           pretrain_retain=general + retained + prior,
+                           pretrain_target=general + fictitious + prior + people_pretrain,
+                           pretrain_retain=general + retained + prior + people_pretrain,
                            question_author=question_author)
