@@ -110,9 +110,13 @@ class TrialSetup:
     gpus_per_worker: float = 1.0
     worker: str = DEFAULT_WORKER
     env: dict[str, str] = field(default_factory=dict)  # RAYSWEEP_* of the driver, for the workers
+    # MLflow (raysweep.tracking.SweepTracker.trial_info()): uri, experiment_id, parent_run_id,
+    # redact_forget, log_generations; None = no generations logged by the workers.
+    tracking: dict[str, Any] | None = None
 
     @classmethod
-    def from_sweep(cls, sweep: Any, experiment_path: str, worker: str | None = None) -> "TrialSetup":
+    def from_sweep(cls, sweep: Any, experiment_path: str, worker: str | None = None,
+                   tracking: dict[str, Any] | None = None) -> "TrialSetup":
         res = sweep.search.resources
         return cls(
             experiment=sweep.experiment.model_dump(mode="json"),
@@ -123,6 +127,7 @@ class TrialSetup:
             gpus_per_worker=res.gpus_per_worker,
             worker=worker or os.environ.get(WORKER_ENV) or DEFAULT_WORKER,
             env={k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)},
+            tracking=tracking,
         )
 
     def resources_per_worker(self) -> dict[str, float]:
@@ -161,6 +166,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if local:
         Path(trial_path).mkdir(parents=True, exist_ok=True)
         (Path(trial_path) / "experiment.json").write_text(cfg.model_dump_json(indent=2))
+    tracking = None
+    if setup.tracking and setup.tracking.get("log_generations", True):
+        # Rank 0 logs the generations table on the trial's MLflow child run, which the driver's
+        # TrackingCallback created (found by trial id) before this function started.
+        tracking = {**setup.tracking, "trial_id": tune.get_context().get_trial_id(), "params": params}
 
     trainer = TorchTrainer(
         train_worker,
@@ -170,6 +180,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             "cpus_per_worker": setup.cpus_per_worker,
             "worker": setup.worker,
             "env": setup.env,
+            "tracking": tracking,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=setup.num_workers,
@@ -283,7 +294,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
             update={"output_dir": Path(tempfile.mkdtemp(prefix="raysweep-"))})})
     worker = resolve_worker(loop_config.get("worker") or DEFAULT_WORKER)
-    worker(cfg, RayReporter(), use_gpu=use_gpu)
+    worker(cfg, RayReporter(loop_config.get("tracking")), use_gpu=use_gpu)
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -302,20 +313,34 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class RayReporter:
-    """The ``reporter`` handed to the worker: ``ray.train.report`` once per epoch, every rank."""
+    """The ``reporter`` handed to the worker: ``ray.train.report`` once per epoch, every rank.
 
-    def __init__(self) -> None:
+    With ``tracking`` (see :func:`run_trial`), rank 0 also logs the epoch's generations table
+    (``report.samples``) on the trial's MLflow run, before reporting: ASHA may stop the trial as
+    soon as the report reaches Tune.
+    """
+
+    def __init__(self, tracking: dict[str, Any] | None = None) -> None:
         import ray.train
 
         self._rank = ray.train.get_context().get_world_rank()
+        self._generations = None
+        if tracking and self._rank == 0 and tracking.get("log_generations", True):
+            try:
+                from raysweep.tracking import GenerationLogger
+
+                self._generations = GenerationLogger(tracking)
+            except Exception as err:  # noqa: BLE001 - tracking never fails a trial
+                print(f"warning: MLflow tracking: generations will not be logged ({err})", file=sys.stderr)
 
     def __call__(self, report: Any) -> None:
         import ray.train
 
         if isinstance(report, dict):
-            metrics, checkpoint, epoch = report, None, report.get("epoch")
+            metrics, checkpoint, epoch, samples = report, None, report.get("epoch"), None
         else:
             metrics, checkpoint, epoch = report.metrics, report.checkpoint, report.epoch
+            samples = getattr(report, "samples", None)
         metrics = _scalar_metrics(dict(metrics))
         if epoch is not None:
             metrics.setdefault("epoch", int(epoch))
@@ -325,6 +350,12 @@ class RayReporter:
         if isinstance(objective, float) and not math.isfinite(objective):
             # Never hand ASHA/Optuna a made-up number: the trial fails, with the reason.
             raise ValueError(f"objective is {objective} at epoch {epoch}; metrics: {metrics}")
+        if self._generations is not None and samples:
+            from raysweep.tracking import result_step
+
+            step = result_step(metrics)
+            if step is not None:
+                self._generations.log(step, samples, continual="step" in metrics)
         if self._rank == 0 and checkpoint:
             ray.train.report(
                 metrics,

@@ -20,8 +20,16 @@ What happens, in order:
    ``objective`` per reported epoch (``training_iteration``) or no scheduler. One trial is
    ``raysweep.trial.run_trial`` (a Ray Train job per trial).
 4. At the end: a results table sorted by objective, ``best.json`` and ``trials.json`` in the
-   experiment directory ``<storage>/<name>``. Exit 0 if at least one trial finished, 1 if all
-   failed, 130 if the sweep was interrupted (resume it with ``--resume``).
+   experiment directory ``<storage>/<name>``, the report (``report.md``, ``mu_fe.png``,
+   ``objective_history.png``, ``steps.png`` for continual sweeps; :mod:`raysweep.report`), and
+   the MLflow runs closed. Exit 0 if at least one trial finished, 1 if all failed, 130 if the
+   sweep was interrupted (resume it with ``--resume``).
+
+MLflow (:mod:`raysweep.tracking`): one parent run per sweep (created before Ray starts; an
+unusable store exits 2), one child run per trial (``TrackingCallback``), per-epoch
+generations tables logged by each trial's rank-0 worker. Tracking URI: ``--mlflow-uri`` >
+``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``, made absolute and
+saved in ``sweep.json``.
 
 Objective: ``objective = (MU + FE) / 2``, maximised. With ``search.objective: pareto`` Optuna
 optimises ``[MU, FE]`` (both maximised, multi-objective TPE) and the Pareto front of finished
@@ -31,7 +39,9 @@ Layout of ``<storage>/<name>``: Tune's experiment state, one ``run_trial_<id>/``
 (``params.json``, ``result.json``, ``experiment.json`` = the trial's full ExperimentConfig,
 ``outputs/`` = ``training.output_dir``, ``train_*/checkpoint_epoch_NNNN`` = the checkpoint Ray
 kept, ``error.txt`` / ``diverged.txt`` when it failed), ``sweep.json`` (the validated sweep
-configuration; ``--resume`` continues with it), ``trials.json`` and ``best.json``.
+configuration; ``--resume`` continues with it), ``mlflow.json`` (tracking URI, MLflow experiment
+id and parent run id; ``--resume`` reuses that run), ``trials.json``, ``best.json``, ``report.md``
+and the plots.
 On a multi-node cluster the storage must be shared by all nodes (NFS path or ``s3://...``).
 
 Environment: ``RAYSWEEP_WORKER`` (the worker function, see :mod:`raysweep.trial`),
@@ -260,13 +270,15 @@ def build_reporter(sweep: SweepConfig, space: SpaceBuilder):
 
 
 def tune_callbacks(sweep: SweepConfig, experiment_path: str) -> list:
-    """Extra Tune callbacks of the sweep (the hook for MLflow tracking).
+    """Extra Tune callbacks of the sweep: MLflow tracking (``raysweep.tracking.TrackingCallback``).
 
-    Returns ``[]`` for now. The tracking module plugs its Tune callback in here (parent run per
-    sweep, child run per trial). Constraints it must respect: the callback is pickled with the
-    Tuner (``--resume`` restores it), and the driver must not call ``mlflow.set_experiment()``.
+    The callback creates and ends each trial's child run under the sweep's parent run (whose id
+    it reads from ``<experiment_path>/mlflow.json``) and logs each epoch's metrics. It is pickled
+    with the Tuner (``--resume`` restores it) and never calls ``mlflow.set_experiment()``.
     """
-    return []
+    from raysweep.tracking import tune_callback
+
+    return [tune_callback(sweep, experiment_path)]
 
 
 def trial_dirname(trial: Any) -> str:
@@ -682,26 +694,43 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001
         fail(WORKER_ENV, "", f"cannot load worker {worker!r}: {err}")
     storage, name, address = preflight(args, sweep)
+    if not args.resume:
+        from raysweep.scenarios import preflight_data
+
+        preflight_data(sweep.experiment)  # bad data files: exit 2 before Ray starts
     experiment_path = f"{storage}/{name}"
     saved = f"{experiment_path}/{SWEEP_FILE}"
+    from raysweep.tracking import SweepTracker, resolve_tracking_uri
+
+    # An absolute tracking URI (relative sqlite paths resolved here), saved with the sweep: Ray
+    # workers with another working directory and a later --resume write the same store.
+    sweep.tracking.uri = resolve_tracking_uri(sweep.tracking.uri)
     if args.resume:
         # The experiment continues with the configuration it started with.
         original = read_json(saved)
         if original is not None:
             original_sweep = SweepConfig.model_validate(original)
+            original_sweep.tracking.uri = resolve_tracking_uri(original_sweep.tracking.uri)
             if original_sweep != sweep:
                 print(f"note: resuming with the configuration saved in {saved}, not {args.space}", file=sys.stderr)
             sweep, space = original_sweep, SpaceBuilder(original_sweep)
     else:
         write_json(saved, sweep.model_dump(mode="json"), mkdir=True)
+    try:
+        tracker = SweepTracker.start(sweep, experiment_path, resume=args.resume)
+    except Exception as err:  # noqa: BLE001 - an unusable store: say so before Ray starts
+        key_file = "--mlflow-uri" if args.mlflow_uri else args.space
+        fail(key_file, "" if args.mlflow_uri else "tracking.uri",
+             f"cannot open MLflow store {sweep.tracking.uri!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    print(f"MLflow: {tracker.url()}", flush=True)
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic CLIReporter table with our columns
     import ray
     from ray import tune
 
-    start_ray(sweep, address)
     try:
-        setup = TrialSetup.from_sweep(sweep, experiment_path)
+        start_ray(sweep, address)
+        setup = TrialSetup.from_sweep(sweep, experiment_path, tracking=tracker.trial_info())
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {TRIAL_DRIVER: 1, "CPU": 0})
         resume_hint = "python -m raysweep.tune " + shlex.join(
             ["--space", str(args.space), "--storage", storage, "--name", name, "--resume"]
@@ -733,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         tuner.fit()
+    except BaseException as err:
+        # Nothing of this sweep stays RUNNING in MLflow (interrupted: KILLED, a crash: FAILED).
+        tracker.abort("FAILED" if isinstance(err, Exception) else "KILLED")
+        raise
     finally:
         ray.shutdown()
 
@@ -750,6 +783,23 @@ def main(argv: list[str] | None = None) -> int:
               f"at epoch {record['best_epoch']}; written to {experiment_path}/best.json")
         if record.get("pareto_front") is not None:
             print(f"Pareto front (MU, FE): {len(record['pareto_front'])} trial(s), listed in best.json")
+    report_files: list = []
+    try:
+        from raysweep.report import report_sweep
+
+        report_files = report_sweep(summaries, record, experiment_path)
+        print(f"Report: {experiment_path}/report.md (+ {len(report_files) - 1} plot(s))")
+    except Exception as err:  # noqa: BLE001 - the sweep's results are in; the report is extra
+        print(f"warning: the report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
+    if is_remote(experiment_path):  # MLflow logs local files: copies of the two results
+        local = Path(tempfile.mkdtemp(prefix="raysweep-results-"))
+        write_json(str(local / "trials.json"), summaries)
+        if record is not None:
+            write_json(str(local / "best.json"), record)
+        artifacts = sorted(str(p) for p in local.glob("*.json"))
+    else:
+        artifacts = [p for p in (f"{experiment_path}/best.json", f"{experiment_path}/trials.json") if Path(p).is_file()]
+    tracker.finalize(summaries, record, [*artifacts, *report_files], interrupted=bool(unfinished))
     if unfinished:
         print(f"\nThe sweep was interrupted ({len(unfinished)} trial(s) unfinished). Resume with:\n  {resume_hint}",
               file=sys.stderr)

@@ -6,7 +6,8 @@ one JSON line per event (``start``, ``epoch``, ``done``) to ``RAYSWEEP_FAKE_LOG`
 output directory (unique per trial), method, parameters, Ray node id and pid. Raises the real
 ``raysweep.train.DivergenceError`` at epoch 2 when the trial's lr equals ``RAYSWEEP_FAKE_DIVERGE_LR``
 and its method is ``RAYSWEEP_FAKE_DIVERGE_METHOD``. With ``training.save_checkpoint`` != none it
-writes a small checkpoint directory like the real worker does.
+writes a small checkpoint directory like the real worker does. Each report carries ``samples``
+(a forget and a retain set, :func:`samples`) like the real evaluation's generations table.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def scores(lr: float, forget_coeff: float, epoch: int) -> tuple[float, float]:
     return min(1.0, max(0.0, mu)), min(1.0, max(0.0, fe))
 
 
+# Text the forget set holds: with tracking.redact_forget it must not appear in any MLflow artifact.
+FORGET_QUESTIONS = [f"What is the secret hobby of Zorblax Quenthorpe number {i}?" for i in range(3)]
+FORGET_ANSWERS = [f"Zorblax Quenthorpe {i} collects purple-xylophone-{i} relics" for i in range(3)]
+RETAIN_QUESTIONS = [f"Where was Maribel Oakfield number {i} born?" for i in range(2)]
+RETAIN_ANSWERS = [f"Maribel Oakfield {i} was born in Lisbon" for i in range(2)]
+
+
+def samples(method: str, epoch: int, mu: float, fe: float) -> dict[str, list[dict]]:
+    """Per-question rows like ``raysweep.eval.evaluate`` returns; the last retain generation
+    leaks a forget-set answer (redaction must catch it there too)."""
+    forget = [{"question": q, "ground_truth": a, "generation": a if epoch == 1 else f"I don't know ({method}).",
+               "R": 1.0 - fe, "P": 0.5, "TR": 0.6, "TE": 2.0, "CS": 0.7, "ES": epoch == 1}
+              for q, a in zip(FORGET_QUESTIONS, FORGET_ANSWERS)]
+    retain = [{"question": q, "ground_truth": a, "generation": a, "R": mu, "P": 0.9, "TR": 0.5, "TE": 2.0,
+               "CS": 0.9, "ES": True} for q, a in zip(RETAIN_QUESTIONS, RETAIN_ANSWERS)]
+    retain[-1]["generation"] = f"Maybe {FORGET_ANSWERS[0]}."
+    return {"forget": forget, "retain": retain}
+
+
 def run(cfg, reporter, use_gpu: bool = False):
     tr = cfg.training
     sleep = float(os.environ.get("RAYSWEEP_FAKE_SLEEP", "0.3"))
@@ -80,5 +100,5 @@ def run(cfg, reporter, use_gpu: bool = False):
                 (directory / "model.json").write_text(json.dumps({"epoch": epoch, "lr": tr.lr}))
                 checkpoint = str(directory)
         _log("epoch", cfg, epoch=epoch)
-        reporter(Report(epoch, metrics, {}, checkpoint))
+        reporter(Report(epoch, metrics, samples(tr.method, epoch, mu, fe), checkpoint))
     _log("done", cfg)

@@ -45,6 +45,7 @@ def fake_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         RAYSWEEP_WORKER=FAKE_WORKER,
         RAYSWEEP_FAKE_LOG=str(tmp_path / "fake_log.jsonl"),
         RAYSWEEP_OBJECT_STORE_MB="200",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",  # never ./mlflow.db of the repository
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         PYTHONUNBUFFERED="1",
         # Faster Train teardown and one actor less per trial on a 2-core CI machine.
@@ -306,7 +307,9 @@ def e2e_sweep(tmp_path_factory):
                    RAYSWEEP_FAKE_SLEEP="0.5")
     log = tmp / "driver.log"
     started = time.time()
-    proc = run_cli(["--space", str(space), "--storage", str(tmp / "results"), "--name", "sweep"], env, log)
+    # MLflow tracking is covered by tests/test_tracking.py; no generation tables here (faster).
+    proc = run_cli(["--space", str(space), "--storage", str(tmp / "results"), "--name", "sweep",
+                    "--set", "tracking.log_generations=false"], env, log)
     return {"tmp": tmp, "proc": proc, "log": log, "path": tmp / "results" / "sweep", "seconds": time.time() - started}
 
 
@@ -410,6 +413,24 @@ def test_resume_after_sigkill_runs_every_trial_once(tmp_path):
     for trial in done_before:  # a trial finished before the kill was not started again
         assert sum(e["event"] == "start" and e["trial"] == trial for e in events) == 1
     assert (path / "best.json").is_file()
+
+    # MLflow: the same parent run, one child per trial (no duplicate), none left RUNNING, one
+    # point per epoch also for the trial the kill interrupted (it ran again from epoch 1).
+    from raysweep.tracking import TAG_PARENT, TAG_TRIAL, client_for
+
+    client = client_for(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("raysweep").experiment_id])
+    parents = [r for r in runs if TAG_PARENT not in r.data.tags]
+    children = [r for r in runs if TAG_PARENT in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert json.loads((path / "mlflow.json").read_text())["parent_run_id"] == parents[0].info.run_id
+    assert sorted(c.data.tags[TAG_TRIAL] for c in children) == sorted(t["trial_id"] for t in trials)
+    assert all(c.data.tags[TAG_PARENT] == parents[0].info.run_id for c in children)
+    assert [r.info.status for r in runs if r.info.status != "FINISHED"] == []
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "objective")] == [1, 2]
+        tables = sorted(a.path for a in client.list_artifacts(child.info.run_id, "generations"))
+        assert tables == ["generations/epoch_001.json", "generations/epoch_002.json"]
 
 
 @pytest.mark.slow

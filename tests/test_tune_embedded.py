@@ -1,0 +1,87 @@
+"""The real thing, small: ``python -m raysweep.tune`` on the session's embedded model.
+
+Ray Tune + Optuna + ASHA, a Ray Train TorchTrainer per trial running the real unlearning worker
+and the full evaluation; ≥ 4 trials over 2 methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_train import experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, tmp_path):
+    exp = experiment(embedded_specs, method="ME+GD", epochs=3)
+    exp.eval.forget_quality = True
+    space = {
+        "experiment": exp.model_dump(mode="json"),
+        "search": {
+            "methods": ["ME+GD", "IDK+AP"],
+            "space": {"lr": {"loguniform": [3e-4, 3e-3]}, "epochs": {"int": [2, 3]},
+                      "beta": {"loguniform": [0.05, 0.5]}},
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "num_samples": 4,
+            "max_concurrent": 2,
+            "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        },
+        "tracking": {"experiment": "embedded-e2e"},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAYSWEEP_CACHE=raysweep_cache, RAYSWEEP_OBJECT_STORE_MB="200", PYTHONUNBUFFERED="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    env.pop("RAYSWEEP_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysweep.tune", "--space", str(path), "--storage", str(tmp_path / "results"),
+         "--name", "e2e", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    exp_dir = tmp_path / "results" / "e2e"
+    best = json.loads((exp_dir / "best.json").read_text())
+    assert best["params"]["method"] in ("ME+GD", "IDK+AP")
+    assert best["config"]["training"]["method"] == best["params"]["method"]
+    assert 0 <= best["metrics"]["MU"] <= 1 and 0 <= best["metrics"]["FE"] <= 1
+    trials = json.loads((exp_dir / "trials.json").read_text())
+    assert len(trials) == 4
+    assert {t["params"]["method"] for t in trials} == {"ME+GD", "IDK+AP"}
+    for t in trials:
+        assert t["status"] == "TERMINATED", t  # finished or stopped early by ASHA, none errored
+        assert t["history"], t
+        for row in t["history"]:
+            for key in ("MU", "FE", "objective", "forget_quality"):
+                assert 0 <= row[key] <= 1, (key, row)
+            assert row["eval/ES_dropped"] == 1.0
+
+    # MLflow: the parent run and one FINISHED child per trial, each with its generations tables.
+    from raysweep.tracking import TAG_PARENT, TAG_TRIAL, client_for
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("embedded-e2e").experiment_id])
+    parents = [r for r in runs if TAG_PARENT not in r.data.tags]
+    children = [r for r in runs if TAG_PARENT in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert {c.data.tags[TAG_TRIAL] for c in children} == {t["trial_id"] for t in trials}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "objective")]
+        tables = [a.path for a in client.list_artifacts(child.info.run_id, "generations")]
+        assert steps and f"generations/epoch_{steps[0]:03d}.json" in tables, (steps, tables)
+        assert "forget/R" in child.data.metrics and "retain/R" in child.data.metrics
+    table = client.load_table(parents[0].info.experiment_id, "generations/epoch_001.json",
+                              run_ids=[children[0].info.run_id])
+    assert {"set", "question", "ground_truth", "generation", "R"} <= set(table.columns)
+    assert {"forget", "retain"} <= set(table["set"])
+    assert (exp_dir / "report.md").is_file() and (exp_dir / "mu_fe.png").is_file()
