@@ -58,7 +58,7 @@ class TrialData:
     history: list[dict[str, Any]]  # one row per epoch (or continual step), in order
     early_stopped: bool = False
     error: str | None = None
-    order: int = 0  # start order (trials.json order; child run start time in MLflow)
+    order: int = 0  # start order (trials.json order; in MLflow the raysweep.trial_number tag)
 
     @property
     def finished(self) -> bool:
@@ -84,11 +84,9 @@ class SweepData:
         return any("step" in r for t in self.trials for r in t.history)
 
     def methods(self) -> list[str]:
-        out: list[str] = []
-        for t in sorted(self.trials, key=lambda t: t.order):
-            if t.method not in out:
-                out.append(t.method)
-        return out
+        # by name: trial start order differs between the experiment dir and MLflow when
+        # concurrent trials start together, and the report must not depend on its source
+        return sorted({t.method for t in self.trials})
 
     def best_per_method(self) -> dict[str, tuple[TrialData, dict[str, Any]] | None]:
         out: dict[str, tuple[TrialData, dict[str, Any]] | None] = {m: None for m in self.methods()}
@@ -152,8 +150,8 @@ def load_experiment(path: str | Path) -> SweepData:
 
 def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
     """From a sweep's MLflow parent run: its children and their metric histories."""
-    from raysweep.tracking import (TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_PARENT, TAG_STATUS, TAG_TRIAL,
-                                   child_runs, client_for, resolve_tracking_uri)
+    from raysweep.tracking import (TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_NUMBER, TAG_PARENT, TAG_STATUS,
+                                   TAG_TRIAL, child_runs, client_for, resolve_tracking_uri)
 
     uri = resolve_tracking_uri(uri)
     client = client_for(uri)
@@ -183,8 +181,13 @@ def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
             out.append(row)
         return out
 
+    def start_order(run) -> tuple[int, int]:
+        # Tune's trial order (tag set when the trial starts), else the run's start time.
+        number = run.data.tags.get(TAG_NUMBER, "")
+        return (int(number) if number.isdigit() else 10**9, run.info.start_time or 0)
+
     trials = []
-    for i, run in enumerate(sorted(children, key=lambda r: r.info.start_time or 0)):
+    for i, run in enumerate(sorted(children, key=start_order)):
         tags, params = run.data.tags, dict(run.data.params)
         for key, value in list(params.items()):
             params[key] = _parse_param(value)

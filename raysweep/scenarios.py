@@ -59,6 +59,14 @@ def _uses_embedded(cfg: ExperimentConfig) -> bool:
     return cfg.data.source == "synthetic" or EMBEDDED in names or EMBEDDED_RETAIN in names
 
 
+def ensure_embedded_for(cfg: ExperimentConfig) -> None:
+    """Build the embedded default now if ``cfg`` uses it (a no-op when cached or not used)."""
+    if _uses_embedded(cfg):
+        from raysweep.prepare import ensure_embedded
+
+        ensure_embedded(cfg.data.synthetic, cfg.model.embedded)
+
+
 def resolve(cfg: ExperimentConfig) -> Resolved:
     """Paths of model, retain model and data; builds the embedded default when it is asked for."""
     artifacts = None

@@ -698,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         from raysweep.scenarios import preflight_data
 
         preflight_data(sweep.experiment)  # bad data files: exit 2 before Ray starts
+    if not os.environ.get(WORKER_ENV):
+        from raysweep.scenarios import ensure_embedded_for
+
+        # Build (or find) the embedded default here, with every core, rather than in the
+        # first trial while the others wait on its lock. (A replacement worker, as in the
+        # tests, may not need it.)
+        ensure_embedded_for(sweep.experiment)
     experiment_path = f"{storage}/{name}"
     saved = f"{experiment_path}/{SWEEP_FILE}"
     from raysweep.tracking import SweepTracker, resolve_tracking_uri

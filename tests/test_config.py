@@ -26,7 +26,10 @@ def tiny_doc() -> dict:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_search_spaces_validate(path):
+def test_shipped_search_spaces_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative data paths are relative to the repository root
+    if path.name == "real_world.yaml" and not (ROOT.parent / "shared" / "data" / "real_world").is_dir():
+        pytest.skip("real_world.yaml points at ../shared/data/real_world, absent here")
     cfg = load_config(path)
     assert cfg.search.methods
 
