@@ -540,7 +540,8 @@ def _add_spec_args(parser: argparse.ArgumentParser, spec_cls, prefix: str, dest_
             parser.add_argument(flag, dest=dest_prefix + fname, type=lambda s: s.lower() in ("1", "true", "yes"),
                                 default=None, metavar="BOOL", help=help_text)
         else:
-            parser.add_argument(flag, dest=dest_prefix + fname, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, dest=dest_prefix + fname, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=help_text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

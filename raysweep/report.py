@@ -58,7 +58,7 @@ class TrialData:
     history: list[dict[str, Any]]  # one row per epoch (or continual step), in order
     early_stopped: bool = False
     error: str | None = None
-    order: int = 0  # start order (trials.json order; in MLflow the raysweep.trial_number tag)
+    order: int = 0  # start order (trials.json is sorted by "started"; MLflow: child run start time)
 
     @property
     def finished(self) -> bool:
@@ -126,6 +126,8 @@ def from_summaries(summaries: list[dict[str, Any]], best: dict[str, Any] | None 
                    source: str = "") -> SweepData:
     """From ``raysweep.tune.summarize`` output (the content of ``trials.json``, in trial start order)."""
     trials = []
+    if all(isinstance(s.get("started"), (int, float)) for s in summaries):
+        summaries = sorted(summaries, key=lambda s: s["started"])
     for i, s in enumerate(summaries):
         params = dict(s.get("params") or {})
         history = [r for r in (s.get("history") or []) if isinstance(r, dict)]
@@ -150,8 +152,8 @@ def load_experiment(path: str | Path) -> SweepData:
 
 def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
     """From a sweep's MLflow parent run: its children and their metric histories."""
-    from raysweep.tracking import (TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_NUMBER, TAG_PARENT, TAG_STATUS,
-                                   TAG_TRIAL, child_runs, client_for, resolve_tracking_uri)
+    from raysweep.tracking import (TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_PARENT, TAG_STATUS, TAG_TRIAL,
+                                   child_runs, client_for, resolve_tracking_uri)
 
     uri = resolve_tracking_uri(uri)
     client = client_for(uri)
@@ -181,13 +183,9 @@ def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
             out.append(row)
         return out
 
-    def start_order(run) -> tuple[int, int]:
-        # Tune's trial order (tag set when the trial starts), else the run's start time.
-        number = run.data.tags.get(TAG_NUMBER, "")
-        return (int(number) if number.isdigit() else 10**9, run.info.start_time or 0)
-
     trials = []
-    for i, run in enumerate(sorted(children, key=start_order)):
+    # The child run is created when Tune starts the trial: its start time is the start order.
+    for i, run in enumerate(sorted(children, key=lambda r: r.info.start_time or 0)):
         tags, params = run.data.tags, dict(run.data.params)
         for key, value in list(params.items()):
             params[key] = _parse_param(value)

@@ -73,7 +73,6 @@ TAG_PATH = "raysweep.experiment_path"
 TAG_EARLY = "raysweep.early_stopped"
 TAG_ERROR = "raysweep.error"
 TAG_STATUS = "raysweep.tune_status"
-TAG_NUMBER = "raysweep.trial_number"  # 1-based position in Tune's trial list (creation order)
 TAG_PARENT = "mlflow.parentRunId"
 GENERATIONS_DIR = "generations"
 FORGET_SET = "forget"
@@ -767,9 +766,7 @@ class TrackingCallback(_TuneCallback):
         def start():
             trial_id = str(trial.trial_id)
             self._runs.pop(trial_id, None)  # (re)started: re-read the run and its logged epochs
-            run_id = self._run_id(trial, running=True)
-            if trials and trial in trials:  # the order of trials.json, for the report
-                retrying(client_for(self.uri).set_tag, run_id, TAG_NUMBER, str(trials.index(trial) + 1))
+            self._run_id(trial, running=True)
 
         self._guard(f"trial {trial.trial_id} start", start)
 

@@ -507,6 +507,7 @@ def summarize(experiment_path: str) -> list[dict[str, Any]]:
             "trial_name": Path(trial.path).name if trial.path else str(trial),
             "path": trial.path,
             "status": trial.status,
+            "started": _started(trial, frame),
             "params": params,
             "history": history,
             "best_epoch": None,
@@ -536,7 +537,23 @@ def summarize(experiment_path: str) -> list[dict[str, Any]]:
                 text = _read_text(error_path)
             summary["error"] = error_reason(text) or "errored (no error file)"
         summaries.append(summary)
+    summaries.sort(key=lambda s: (s["started"] is None, s["started"] or 0.0))  # trial start order
     return summaries
+
+
+def _started(trial: Any, frame: Any) -> float | None:
+    """When Tune first set the trial RUNNING (unix seconds; kept across ``--resume``), else an
+    estimate from its first result."""
+    value = getattr(getattr(trial, "run_metadata", None), "start_time", None)
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        if frame is not None and not frame.empty and {"timestamp", "time_total_s"} <= set(frame.columns):
+            first = frame.iloc[0]
+            return float(first["timestamp"]) - float(first["time_total_s"])
+    except (TypeError, ValueError, KeyError):
+        pass
+    return None
 
 
 def pareto_front(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:

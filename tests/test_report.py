@@ -154,3 +154,9 @@ def test_from_an_mlflow_parent_run_matches_the_directory(tmp_path):
     assert main([parent_id, "--mlflow-uri", uri, "--out", str(tmp_path / "out")]) == 0
     _png(tmp_path / "out" / "mu_fe.png")
 
+
+
+def test_trials_are_in_start_order():
+    summaries = [dict(s, started=100.0 - i) for i, s in enumerate(SUMMARIES)]  # listed last-started first
+    data = from_summaries(summaries)
+    assert [t.trial_id for t in sorted(data.trials, key=lambda t: t.order)] == ["t4", "t3", "t2", "t1"]

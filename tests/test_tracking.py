@@ -346,10 +346,13 @@ def test_report_of_the_sweep_from_directory_and_mlflow_run(tracked_sweep, tmp_pa
     assert _method_rows(from_run) == _method_rows(from_dir) == _method_rows(markdown)
     table = lambda text: text.split("## Best trial of each method")[1].split("## Per-set")[0]  # noqa: E731
     assert table(from_run) == table(from_dir)
-    # Same trials in both listings (their order from MLflow is not yet Tune's order, see tracking)
-    trials_of = lambda text: sorted(line.split("|")[2].strip() for line in text.split("## All trials")[1].splitlines()  # noqa: E731
-                                    if line.startswith("| ") and not line.startswith("| #"))
+    # The same trials in the same start order (trials.json: Tune's start time; MLflow: child runs,
+    # created when Tune starts each trial).
+    trials_of = lambda text: [line.split("|")[2].strip() for line in text.split("## All trials")[1].splitlines()  # noqa: E731
+                              if line.startswith("| ") and not line.startswith("| #")]
     assert trials_of(from_run) == trials_of(from_dir) and len(trials_of(from_dir)) == 3
+    started = [t["started"] for t in json.loads((path / "trials.json").read_text())]
+    assert all(isinstance(t, float) for t in started) and started == sorted(started)
     for out in ("dir", "run"):
         _png(tmp_path / out / "mu_fe.png")
         _png(tmp_path / out / "objective_history.png")
