@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from raysweep.data.formatting import IGNORE_INDEX, encode_prompt, encode_qa, format_answer, format_prompt, pad_batch
 from raysweep.data.records import QARecord
+from raysweep.eval.metrics import rouge_l_recall
 from raysweep.models import TinyModelSpec, build_tiny_model, count_parameters, load_tokenizer, train_tokenizer
 
 from raysweep.data.templates import PRIOR_TEMPLATES
@@ -336,15 +337,6 @@ def _train_parallel(spec: TinyModelSpec, tok_dir: str, jobs: dict[str, Sequence[
 # --------------------------------------------------------------------------- evaluation
 
 
-def rouge_l_recall(reference: str, generation: str, _scorer=[]) -> float:
-    """ROUGE-L recall of ``generation`` against ``reference`` (rouge_score, stemmed)."""
-    if not _scorer:
-        from rouge_score import rouge_scorer
-
-        _scorer.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
-    return _scorer[0].score(reference, generation)["rougeL"].recall
-
-
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, questions: Sequence[str], template: str = "plain", batch_size: int = 64,
                     max_new_tokens: int = 96) -> list[str]:
@@ -379,7 +371,7 @@ def greedy_recall(model, tokenizer, records: Sequence[QARecord], template: str =
     if not records:
         return float("nan"), []
     gens = greedy_generate(model, tokenizer, [r.question for r in records], template, batch_size, max_new_tokens)
-    scores = [rouge_l_recall(r.answer, g) for r, g in zip(records, gens)]
+    scores = [rouge_l_recall(g, r.answer) for r, g in zip(records, gens)]
     return sum(scores) / len(scores), scores
 
 

@@ -10,7 +10,8 @@ import torch
 import raysweep.prepare as prepare
 from raysweep.data.loaders import load_local_split
 from raysweep.models import load_model, load_tokenizer
-from raysweep.prepare import cache_key, default_cache_dir, ensure_embedded, greedy_recall, rouge_l_recall
+from raysweep.eval.metrics import rouge_l_recall
+from raysweep.prepare import cache_key, default_cache_dir, ensure_embedded, greedy_recall
 
 SEED_SPLITS = ("forget01", "forget05", "forget10", "forget01_perturbed", "forget05_perturbed",
                "forget10_perturbed", "retain90", "retain95", "retain99", "retain_perturbed",
@@ -132,8 +133,8 @@ def test_cli_reuses_cache(embedded, embedded_specs, raysweep_cache, monkeypatch,
 
 def test_rouge_l_recall():
     assert rouge_l_recall("Kalo Mira was born in Oslo, Norway.", "Kalo Mira was born in Oslo, Norway.") == 1.0
-    assert rouge_l_recall("Kalo Mira was born in Oslo.", "") == 0.0
-    assert 0.5 < rouge_l_recall("Kalo Mira was born in Oslo.", "Kalo Mira was born in Lima.") < 1.0
+    assert rouge_l_recall("", "Kalo Mira was born in Oslo.") == 0.0  # (generation, reference)
+    assert 0.5 < rouge_l_recall("Kalo Mira was born in Lima.", "Kalo Mira was born in Oslo.") < 1.0
 
 
 def test_parallel_training_failure_is_reported(embedded_specs, tmp_path):
