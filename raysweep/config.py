@@ -281,7 +281,9 @@ class SearchConfig(Strict):
     space: ParamSpace = Field(default_factory=ParamSpace)
     overrides: dict[str, ParamSpace] = Field(default_factory=dict)  # per-method spaces
     objective: Literal["mean", "pareto"] = "mean"
-    algorithm: Literal["optuna"] = "optuna"
+    # optuna: TPE over the ranges; grid: every combination of each method's choice lists (the
+    # paper's protocol), once each — num_samples is then the number of grid points
+    algorithm: Literal["optuna", "grid"] = "optuna"
     seed: int = 0
     enqueue_defaults: bool = True  # the paper's defaults of each method are tried first
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -315,6 +317,23 @@ class SearchConfig(Strict):
                 raise _KeyedError(name, str(err)) from None
         return value
 
+    @model_validator(mode="after")
+    def _grid_needs_lists(self) -> "SearchConfig":
+        if self.algorithm != "grid":
+            return self
+        for method in self.methods:
+            space = self.space_for(method)
+            for key in ParamSpace.model_fields:
+                value = getattr(space, key)
+                if isinstance(value, Range) and value.kind != "choice":
+                    where = f"overrides.{method}.{key}" if key in self._override_keys(method) else f"space.{key}"
+                    raise _KeyedError(where, f"algorithm grid needs a choice list or a fixed value, not {value.kind}")
+        return self
+
+    def _override_keys(self, method: str) -> set[str]:
+        spec = self.overrides.get(method)
+        return set() if spec is None else set(spec.model_dump(exclude_none=True))
+
     def space_for(self, method: str) -> ParamSpace:
         """The method's space: ``space`` with the method's ``overrides`` laid on top."""
         merged = self.space.model_dump(exclude_none=True)
@@ -324,6 +343,7 @@ class SearchConfig(Strict):
 
 
 class TrackingConfig(Strict):
+    enabled: bool = True  # false: no MLflow at all (results stay in the experiment directory)
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "raysweep"
     redact_forget: bool = False

@@ -687,6 +687,22 @@ class SweepTracker:
 # ----------------------------------------------------------------------------- the Tune callback
 
 
+class NoTracker:
+    """``tracking.enabled: false``: the driver's tracker interface, recording nothing."""
+
+    def trial_info(self) -> None:
+        return None
+
+    def url(self) -> str:
+        return "off (tracking.enabled: false); results are in the experiment directory only"
+
+    def finalize(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def abort(self, status: str = "FAILED") -> None:  # noqa: ARG002
+        return None
+
+
 class TrackingCallback(_TuneCallback):
     """Tune callback: the child run of every trial (see the module doc).
 
@@ -789,7 +805,9 @@ class TrackingCallback(_TuneCallback):
             client = client_for(self.uri)
             run_id = self._run_id(trial, running=False)
             last = trial.last_result or {}
-            planned, epoch = (trial.config or {}).get("epochs"), last.get("epoch")
+            from raysweep.trial import sampled_params
+
+            planned, epoch = sampled_params(trial.config or {}).get("epochs"), last.get("epoch")
             early = (isinstance(planned, (int, float)) and isinstance(epoch, (int, float))
                      and int(epoch) < int(planned))
             retrying(client.set_tag, run_id, TAG_EARLY, str(bool(early)).lower())
@@ -828,6 +846,6 @@ def tune_callback(sweep: Any, experiment_path: str) -> TrackingCallback:
 
 
 __all__ = [
-    "GenerationLogger", "SweepTracker", "TrackingCallback", "generation_rows", "redact_text",
+    "GenerationLogger", "NoTracker", "SweepTracker", "TrackingCallback", "generation_rows", "redact_text",
     "resolve_tracking_uri", "sanitize_key", "tune_callback",
 ]

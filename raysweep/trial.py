@@ -55,12 +55,18 @@ class TrialDiverged(RuntimeError):
 # ----------------------------------------------------------------------------- configuration
 
 
+GRID_KEY = "grid_point"  # algorithm: grid — the trial config is {GRID_KEY: {"method": …, "lr": …}}
+
+
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
     """The trial's parameters in flat training-key names (``method``, ``lr``, ``beta``, ...).
 
     A Tune trial config from :class:`raysweep.tune.SpaceBuilder` holds them flat (plus Optuna's
-    namespaced copies, e.g. ``{"ME+GD": {"lr": ...}}``, which are ignored here).
+    namespaced copies, e.g. ``{"ME+GD": {"lr": ...}}``, which are ignored here); a grid trial
+    holds them under :data:`GRID_KEY`.
     """
+    if isinstance(config.get(GRID_KEY), dict):  # ``algorithm: grid``: the point is one grid value
+        config = {**config, **config[GRID_KEY]}
     out: dict[str, Any] = {}
     if "method" in config:
         out["method"] = config["method"]

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -65,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from raysweep.config import Range, SweepConfig, fail, load_or_exit
-from raysweep.trial import PARAM_KEYS, WORKER_ENV, TrialSetup, is_remote, run_trial, sampled_params, trial_experiment
+from raysweep.trial import GRID_KEY, PARAM_KEYS, WORKER_ENV, TrialSetup, is_remote, run_trial, sampled_params, trial_experiment
 
 TRIAL_DRIVER = "trial_driver"
 SWEEP_FILE = "sweep.json"  # the validated configuration, saved for --resume
@@ -200,6 +201,31 @@ class SpaceBuilder:
             points.append(point)
         return points
 
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of each method's choice lists, as trial configs (``algorithm: grid``).
+
+        Scalars are fixed, unset keys take ``experiment.training``'s value, as in :meth:`__call__`;
+        the config validation guarantees no continuous range is left.
+        """
+        points = []
+        for method in self.methods:
+            keys, options = [], []
+            for key in self.keys_for(method):
+                value = getattr(self.spaces[method], key)
+                if isinstance(value, Range):
+                    values = list(value.choice)
+                elif value is not None:
+                    values = [value]
+                elif key in self.training_values:
+                    values = [self.training_values[key]]
+                else:
+                    continue
+                keys.append(key)
+                options.append([int(v) if key in ("epochs", "lora_r") else v for v in values])
+            for combo in itertools.product(*options):
+                points.append({"method": method, **dict(zip(keys, combo))})
+        return points
+
     def max_epochs(self) -> int:
         best = 1
         for space in self.spaces.values():
@@ -214,12 +240,17 @@ class SpaceBuilder:
 
 
 def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
-    """``OptunaSearch`` (TPE seeded with ``search.seed``) wrapped in a ``ConcurrencyLimiter``."""
+    """``OptunaSearch`` (TPE seeded with ``search.seed``) wrapped in a ``ConcurrencyLimiter``;
+    for ``algorithm: grid``, Tune's ``BasicVariantGenerator`` over :meth:`SpaceBuilder.grid_points`."""
+    search = sweep.search
+    if search.algorithm == "grid":  # the points themselves are the param_space (param_space())
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=search.max_concurrent)
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    search = sweep.search
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # multivariate + group: TPE models each method's (conditional) parameters jointly;
@@ -239,6 +270,21 @@ def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
         points_to_evaluate=space.default_points() if search.enqueue_defaults else None,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def num_samples(sweep: SweepConfig) -> int:
+    """Trials to run: ``search.num_samples``; a grid runs each of its points once."""
+    return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples
+
+
+def param_space(sweep: SweepConfig, space: SpaceBuilder) -> dict[str, Any] | None:
+    """Tune's ``param_space``: none for Optuna (define-by-run); a grid search over whole trial
+    configs for ``algorithm: grid`` (each method has its own keys, so no per-key grid)."""
+    if sweep.search.algorithm != "grid":
+        return None
+    from ray import tune
+
+    return {GRID_KEY: tune.grid_search(space.grid_points())}
 
 
 def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
@@ -266,6 +312,8 @@ def build_reporter(sweep: SweepConfig, space: SpaceBuilder):
     for key, header in (("reg_coeff", "γ"), ("lora_r", "lora_r")):
         if any(isinstance(getattr(s, key), Range) for s in space.spaces.values()):
             params[key] = header
+    if sweep.search.algorithm == "grid":  # the values live under the grid point's key
+        params = {f"{GRID_KEY}/{key}": header for key, header in params.items()}
     return tune.CLIReporter(parameter_columns=params, metric_columns=dict(METRIC_COLUMNS), max_report_frequency=10)
 
 
@@ -278,7 +326,7 @@ def tune_callbacks(sweep: SweepConfig, experiment_path: str) -> list:
     """
     from raysweep.tracking import tune_callback
 
-    return [tune_callback(sweep, experiment_path)]
+    return [tune_callback(sweep, experiment_path)] if sweep.tracking.enabled else []
 
 
 def trial_dirname(trial: Any) -> str:
@@ -436,12 +484,30 @@ def start_ray(sweep: SweepConfig, address: str | None) -> None:
         k = max(1, fit)
     # NB: keep the dashboard (Ray's default with ray[default]): with include_dashboard=False,
     # trials stopped by ASHA never released their Train workers in our measurements.
+    # Ray Train's controller queries the state API without an address; with another local Ray
+    # instance on the machine it would auto-detect *that* one ("Found multiple active Ray
+    # instances") and trials would hang. Pin it to this instance's dashboard: the variable is
+    # inherited by the raylet and so by every Ray worker it starts.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # One machine cannot be preempted: no PreemptionWatcher actor per trial (fewer processes).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",
         num_cpus=int(num_cpus) if num_cpus else None,
         resources={TRIAL_DRIVER: k},
         object_store_memory=object_store_mb * 1024 * 1024,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- results
@@ -724,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_embedded_for(sweep.experiment)
     experiment_path = f"{storage}/{name}"
     saved = f"{experiment_path}/{SWEEP_FILE}"
-    from raysweep.tracking import SweepTracker, resolve_tracking_uri
+    from raysweep.tracking import NoTracker, SweepTracker, resolve_tracking_uri
 
     # An absolute tracking URI (relative sqlite paths resolved here), saved with the sweep: Ray
     # workers with another working directory and a later --resume write the same store.
@@ -741,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_json(saved, sweep.model_dump(mode="json"), mkdir=True)
     try:
-        tracker = SweepTracker.start(sweep, experiment_path, resume=args.resume)
+        tracker = (SweepTracker.start(sweep, experiment_path, resume=args.resume) if sweep.tracking.enabled
+                   else NoTracker())
     except Exception as err:  # noqa: BLE001 - an unusable store: say so before Ray starts
         key_file = "--mlflow-uri" if args.mlflow_uri else args.space
         fail(key_file, "" if args.mlflow_uri else "tracking.uri",
@@ -768,10 +835,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Experiment {experiment_path}\n(to resume if interrupted: {resume_hint})", flush=True)
             tuner = tune.Tuner(
                 trainable,
+                param_space=param_space(sweep, space),
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(sweep, space),
                     scheduler=build_scheduler(sweep, space),
-                    num_samples=sweep.search.num_samples,
+                    num_samples=num_samples(sweep),
                     trial_dirname_creator=trial_dirname,
                     trial_name_creator=trial_dirname,
                     reuse_actors=False,

@@ -281,9 +281,11 @@ class _FakeST:
     def __init__(self, table):
         self.table = table
         self.calls = 0
+        self.texts = []
 
     def encode(self, texts, **kw):
         self.calls += 1
+        self.texts.append(list(texts))
         return np.array([self.table[t] for t in texts], dtype=np.float32)
 
 
@@ -296,6 +298,18 @@ def test_sentence_embedder_cosine_clipping_with_fixed_embeddings():
     assert emb.cosine_similarities([], []) == []
     with pytest.raises(ValueError):
         emb.cosine_similarities(["a"], [])
+
+
+def test_sentence_embedder_embeds_each_reference_once_across_epochs():
+    emb = SentenceEmbedder("unused")
+    emb._model = _FakeST({"a": [1, 0], "b": [1, 1], "c": [-1, 0], "d": [0, 3]})
+    first = emb.cosine_similarities(["a", "b"], ["c", "d"])
+    second = emb.cosine_similarities(["b", "a", "c"], ["d", "c", "b"])  # only "b" is a new reference
+    assert emb._model.texts == [["a", "b", "c", "d"], ["b", "a", "c", "b"]]
+    assert first == pytest.approx([0.0, 1 / math.sqrt(2)])
+    assert second == pytest.approx([1 / math.sqrt(2), 0.0, 0.0])
+    emb.max_cached = 1  # a full cache is emptied, never served stale
+    assert emb.cosine_similarities(["a"], ["a"]) == pytest.approx([1.0])
 
 
 def test_sentence_embedder_offline_minilm():

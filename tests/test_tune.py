@@ -21,7 +21,7 @@ import optuna
 import pytest
 import yaml
 
-from raysweep.config import ExperimentConfig, SweepConfig
+from raysweep.config import ConfigError, ExperimentConfig, SweepConfig, parse_config
 from raysweep.trial import TrialDiverged, divergence_message, sampled_params, trial_experiment
 from raysweep.tune import SpaceBuilder, error_reason, main, pareto_front, results_table, uses_beta
 
@@ -277,6 +277,44 @@ def test_cli_error_as_a_subprocess(tmp_path):
     assert "Ray" not in proc.stdout and time.time() - started < 60
 
 
+GRID = {
+    "experiment": {"name": "grid", "training": {"lr": 1e-5, "epochs": 3, "forget_coeff": 0.3}},
+    "search": {
+        "algorithm": "grid",
+        "methods": ["ME+GD", "NPO+GD"],
+        "space": {"lr": {"choice": [1e-5, 2e-5, 4e-5]}, "epochs": {"choice": [3, 5]}, "beta": 0.1},
+        "overrides": {"NPO+GD": {"lr": {"choice": [1e-6]}}},
+        "scheduler": {"type": "none"},
+    },
+}
+
+
+def test_grid_points_are_the_cartesian_product_per_method():
+    builder = SpaceBuilder(sweep_of(GRID))
+    points = builder.grid_points()
+    me = [p for p in points if p["method"] == "ME+GD"]
+    npo = [p for p in points if p["method"] == "NPO+GD"]
+    assert sorted((p["lr"], p["epochs"]) for p in me) == sorted(
+        (lr, e) for lr in (1e-5, 2e-5, 4e-5) for e in (3, 5))
+    assert sorted((p["lr"], p["epochs"]) for p in npo) == [(1e-6, 3), (1e-6, 5)]
+    assert all("beta" not in p and p["forget_coeff"] == 0.3 for p in me)  # ME+GD has no beta
+    assert all(p["beta"] == 0.1 and isinstance(p["epochs"], int) for p in npo)
+    assert len(points) == 8 and len({tuple(sorted(p.items())) for p in points}) == 8
+
+
+@pytest.mark.parametrize("where, key", [("space", "search.space.lr"), ("override", "search.overrides.NPO+GD.lr")])
+def test_grid_rejects_continuous_ranges_naming_the_key(where, key):
+    data = json.loads(json.dumps(GRID))
+    if where == "space":
+        data["search"]["space"]["lr"] = {"loguniform": [1e-6, 1e-4]}
+        data["search"]["overrides"] = {}
+    else:
+        data["search"]["overrides"]["NPO+GD"]["lr"] = {"uniform": [1e-6, 1e-5]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "grid.yaml")
+    assert key in err.value.one_line() and "choice list" in err.value.one_line()
+
+
 # ----------------------------------------------------------------------------- Ray sweeps (fake worker)
 
 
@@ -370,6 +408,25 @@ def test_divergent_trial_is_errored_and_sweep_goes_on(e2e_sweep):
     assert (Path(bad["path"]) / "diverged.txt").read_text().startswith("DivergenceError")
     assert "DivergenceError" in e2e_sweep["log"].read_text()
     assert (path / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_grid_sweep_runs_every_point_once_without_mlflow(tmp_path):
+    data = json.loads(json.dumps(GRID))
+    data["search"].update(num_samples=1, max_concurrent=2)  # num_samples is ignored by a grid
+    data["search"]["space"]["epochs"] = {"choice": [2]}
+    data["search"]["space"]["lr"] = {"choice": [1e-5, 2e-5]}
+    space = write_yaml(tmp_path / "grid.yaml", data)
+    log = tmp_path / "driver.log"
+    # also: tracking.enabled=false leaves no MLflow store behind (fake_env points MLflow at tmp_path)
+    proc = run_cli(["--space", str(space), "--storage", str(tmp_path / "results"), "--name", "grid",
+                    "--set", "tracking.enabled=false"], fake_env(tmp_path), log)
+    assert proc.returncode == 0, tail(log)
+    assert not (tmp_path / "mlflow.db").exists() and "MLflow: off" in log.read_text()
+    trials = json.loads((tmp_path / "results" / "grid" / "trials.json").read_text())
+    got = sorted((t["params"]["method"], t["params"]["lr"], t["params"]["epochs"]) for t in trials)
+    assert got == [("ME+GD", 1e-5, 2), ("ME+GD", 2e-5, 2), ("NPO+GD", 1e-6, 2)]  # 2 x 1 + 1 x 1 points
+    assert all(t["status"] == "TERMINATED" and len(t["history"]) == 2 for t in trials)
 
 
 @pytest.mark.slow

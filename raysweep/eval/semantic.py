@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from raysweep.eval.metrics import cosine_score
 
 __all__ = [
@@ -74,6 +76,9 @@ class SentenceEmbedder:
         self.device = device
         self.batch_size = int(batch_size)
         self._model = None
+        # Reference answers are the same every epoch: their embeddings are computed once.
+        self._reference_cache: dict[str, Any] = {}
+        self.max_cached = 100_000
 
     @property
     def model(self):
@@ -97,15 +102,21 @@ class SentenceEmbedder:
     def cosine_similarities(
         self, generations: Sequence[str], references: Sequence[str]
     ) -> list[float]:
-        """``max(0, cos(emb(gen_i), emb(ref_i)))`` per pair; one batched encode of all texts."""
+        """``max(0, cos(emb(gen_i), emb(ref_i)))`` per pair; one batched encode of the generations
+        and the references not seen before (reference embeddings are cached across calls)."""
         generations, references = list(generations), list(references)
         if len(generations) != len(references):
             raise ValueError(f"{len(generations)} generations but {len(references)} references")
         if not generations:
             return []
-        emb = self.encode(generations + references)
+        missing = list(dict.fromkeys(r for r in references if r not in self._reference_cache))
+        emb = self.encode(generations + missing)
         n = len(generations)
-        return cosine_score(emb[:n], emb[n:])
+        if len(self._reference_cache) + len(missing) > self.max_cached:
+            self._reference_cache.clear()
+        self._reference_cache.update(zip(missing, emb[n:]))
+        refs = np.stack([self._reference_cache[r] for r in references])
+        return cosine_score(emb[:n], refs)
 
 
 def entailment_label_of(id2label: dict, model_name: str = "model") -> str:

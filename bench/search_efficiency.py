@@ -1,0 +1,195 @@
+"""Search efficiency: the paper's grid against TPE + ASHA, in trial-epochs, on the embedded default.
+
+    python bench/search_efficiency.py [--seeds 0 1 2] [--space search_spaces/tiny.yaml]
+                                      [--out docs/bench] [--work DIR]
+
+For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
+embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fixed in both:
+
+- **grid** (``search.algorithm: grid``, no scheduler): the paper's protocol — 3 learning rates
+  × {3, 5} epochs per method, 12 trials, 48 trial-epochs. The paper's 1e-5 / 2e-5 / 5e-5 for 7B
+  models are scaled to the tiny model's range as 4e-4 / 8e-4 / 2e-3 (same 1 : 2 : 5 ratios).
+- **TPE + ASHA** (``algorithm: optuna``, ASHA grace 1, reduction factor 2): lr log-uniform over
+  [1e-4, 3e-3], epochs 2–5, the same number of trials (12), no enqueued defaults (so that it
+  gets no grid point for free).
+
+The seeds are TPE's (``search.seed``); training uses the YAML's fixed ``experiment.training.seed``
+in both arms, so both search the same objective landscape and the grid — whose 12 configurations
+do not depend on a seed — runs once and is the reference for every TPE seed. Every reported epoch is one
+trial-epoch; the curves order all epochs of a sweep by the time Tune received them (two
+trials run at once). The figure of merit is the number of trial-epochs TPE + ASHA needs to
+reach the grid's best objective (of the same seed), as a fraction of the grid's 48 (target
+≤ 40 %). Writes ``search_efficiency.json`` and ``search_efficiency.png`` under ``--out`` and
+prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = "[ME+GD, NPO+GD]"
+FIXED = "forget_coeff: 1.0, beta: 0.1"  # NPO+GD: α = 1 (paper); ME+GD: α = 0.1 via overrides
+GRID_LRS = (4e-4, 8e-4, 2e-3)
+GRID_EPOCHS = (3, 5)
+TARGET = 0.40
+
+
+def sweep_args(arm: str, seed: int) -> list[str]:
+    common = [
+        f"search.methods={METHODS}",
+        "search.overrides={ME+GD: {forget_coeff: 0.1}}",
+        "search.max_concurrent=2",
+        "search.enqueue_defaults=false",
+        f"search.seed={seed}",
+        "tracking.log_generations=false",
+    ]
+    if arm == "grid":
+        lrs = ", ".join(f"{lr:g}" for lr in GRID_LRS)
+        epochs = ", ".join(str(e) for e in GRID_EPOCHS)
+        specific = [
+            "search.algorithm=grid",
+            f"search.space={{lr: {{choice: [{lrs}]}}, epochs: {{choice: [{epochs}]}}, {FIXED}}}",
+            "search.scheduler.type=none",
+        ]
+    else:
+        specific = [
+            "search.algorithm=optuna",
+            f"search.space={{lr: {{loguniform: [1.0e-4, 3.0e-3]}}, epochs: {{int: [2, 5]}}, {FIXED}}}",
+            "search.scheduler={type: asha, grace_period: 1, reduction_factor: 2}",
+            f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
+        ]
+    return [part for item in common + specific for part in ("--set", item)]
+
+
+def run_sweep(space: str, arm: str, seed: int, work: Path) -> tuple[Path, float]:
+    name = "grid" if arm == "grid" else f"{arm}-seed{seed}"
+    path = work / "results" / name
+    log = work / f"{name}.log"
+    if (path / "trials.json").is_file():
+        print(f"[bench] {name}: reusing {path}", flush=True)
+        return path, float("nan")
+    cmd = [sys.executable, "-m", "raysweep.tune", "--space", space, "--storage", str(work / "results"),
+           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed)]
+    print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"[bench] {name} failed ({proc.returncode}); see {log}")
+    print(f"[bench] {name}: {seconds:.0f} s", flush=True)
+    return path, seconds
+
+
+def curve(path: Path) -> list[dict]:
+    """Every reported epoch of a sweep, in arrival order, with the best objective so far."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(path))
+    rows = []
+    for trial in analysis.trials:
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        if frame is None:
+            frame = analysis.trial_dataframes.get(trial.path)
+        if frame is None or frame.empty:
+            continue
+        for record in frame.to_dict("records"):
+            if record.get("objective") is None:
+                continue
+            rows.append({"time": float(record["timestamp"]), "trial": trial.trial_id,
+                         "method": trial.config.get("method"), "epoch": int(record["training_iteration"]),
+                         "objective": float(record["objective"])})
+    rows.sort(key=lambda r: (r["time"], r["trial"], r["epoch"]))
+    best = float("-inf")
+    for i, row in enumerate(rows, start=1):
+        best = max(best, row["objective"])
+        row.update(trial_epochs=i, best=best)
+    return rows
+
+
+def epochs_to_reach(rows: list[dict], target: float) -> int | None:
+    return next((r["trial_epochs"] for r in rows if r["best"] >= target), None)
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = results[0]["grid"]["curve"]
+    ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color="black",
+            linewidth=2, label="grid (3 lr x {3, 5} epochs per method)")
+    for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
+        rows = result["tpe_asha"]["curve"]
+        ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color=color,
+                alpha=0.85, label=f"TPE + ASHA, seed {result['seed']}")
+    grid_total = max(r["grid"]["trial_epochs"] for r in results)
+    ax.axvline(TARGET * grid_total, color="tab:red", linestyle="--", label=f"{TARGET:.0%} of the grid's trial-epochs")
+    ax.set_xlabel("cumulative trial-epochs")
+    ax.set_ylabel("best objective so far, (MU + FE) / 2")
+    ax.set_title(f"Search efficiency on the embedded default ({len(results)} seeds)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--space", default=str(REPO / "search_spaces" / "tiny.yaml"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "bench"))
+    parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
+    args = parser.parse_args()
+    work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    space = str(Path(args.space).resolve())
+
+    # build (or find) the embedded model once, before any timing
+    subprocess.run([sys.executable, "-c", "from raysweep.config import load_config; "
+                    "from raysweep.scenarios import ensure_embedded_for; "
+                    f"ensure_embedded_for(load_config({space!r}).experiment)"], check=True, cwd=work)
+    def arm_result(arm: str, seed: int) -> dict:
+        path, seconds = run_sweep(space, arm, seed, work)
+        rows = curve(path)
+        return {"path": str(path), "wall_s": round(seconds, 1), "trial_epochs": len(rows),
+                "best": max(r["objective"] for r in rows), "curve": rows}
+
+    grid = arm_result("grid", 0)
+    results = []
+    for seed in args.seeds:
+        result = {"seed": seed, "grid": grid, "tpe_asha": arm_result("tpe_asha", seed)}
+        needed = epochs_to_reach(result["tpe_asha"]["curve"], result["grid"]["best"])
+        result["tpe_epochs_to_grid_best"] = needed
+        result["fraction_of_grid"] = None if needed is None else needed / result["grid"]["trial_epochs"]
+        results.append(result)
+        (out / "search_efficiency.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "search_efficiency.png")
+
+    print("\n| seed | grid best | grid trial-epochs | TPE+ASHA best | TPE+ASHA trial-epochs | "
+          "TPE+ASHA trial-epochs to the grid's best | fraction |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        needed = r["tpe_epochs_to_grid_best"]
+        frac = "not reached" if needed is None else f"{r['fraction_of_grid']:.0%}"
+        print(f"| {r['seed']} | {r['grid']['best']:.4f} | {r['grid']['trial_epochs']} | {r['tpe_asha']['best']:.4f} | "
+              f"{r['tpe_asha']['trial_epochs']} | {needed if needed is not None else '-'} | {frac} |")
+    reached = [r["fraction_of_grid"] for r in results if r["fraction_of_grid"] is not None]
+    verdict = "met" if len(reached) == len(results) and max(reached) <= TARGET else "NOT met"
+    print(f"\ntarget (TPE + ASHA reaches the grid's best with <= {TARGET:.0%} of its trial-epochs, every seed): {verdict}")
+    print(f"wrote {out / 'search_efficiency.json'} and {out / 'search_efficiency.png'}")
+
+
+if __name__ == "__main__":
+    main()
