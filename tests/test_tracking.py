@@ -18,7 +18,7 @@ import pytest
 from raysweep.config import SweepConfig
 from raysweep.tracking import (
     RUN_FILE, TAG_EARLY, TAG_ERROR, TAG_PARENT, TAG_TRIAL, GenerationLogger, SweepTracker, child_runs,
-    client_for, flatten, generation_rows, numeric_metrics, redact_text, resolve_tracking_uri, sanitize_key,
+    client_for, flatten, generation_rows, numeric_metrics, redact_text, resolve_tracking_uri, result_step, sanitize_key,
     tune_callback,
 )
 
@@ -49,6 +49,13 @@ def test_metric_names_are_sanitized_and_tune_keys_dropped():
     result = {"epoch": 2, "MU": 0.5, "forget/R": 0.25, "ES_flag": True, "training_iteration": 2, "done": False,
               "trial_id": "x", "config": {"lr": 1}, "note": "text", "weird+name": 1.0}
     assert numeric_metrics(result) == {"epoch": 2.0, "MU": 0.5, "forget/R": 0.25, "ES_flag": 1.0, "weird_name": 1.0}
+
+
+def test_mlflow_step_is_the_continual_step_then_the_epoch():
+    assert result_step({"step": 3, "epoch": 2, "training_iteration": 3}) == 3  # continual: per request
+    assert result_step({"epoch": 2, "training_iteration": 5}) == 2
+    assert result_step({"training_iteration": 4}) == 4
+    assert result_step({"epoch": float("nan")}) is None and result_step({"step": True}) is None
 
 
 def test_flatten_renders_ranges_and_lists():

@@ -86,3 +86,58 @@ def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, t
     set_column = table["columns"].index("set")
     assert {"forget", "retain"} <= {row[set_column] for row in table["data"]}
     assert (exp_dir / "report.md").is_file() and (exp_dir / "mu_fe.png").is_file()
+
+
+@pytest.mark.slow
+def test_continual_sweep_reports_and_logs_per_step(embedded, embedded_specs, raysweep_cache, tmp_path):
+    """The continual scenario through Tune: one report per step (ASHA's time unit), MLflow
+    metrics at step = 1, 2, 3, and the report's MU/FE-vs-step plot."""
+    exp = experiment(embedded_specs, method="NPO+GD", epochs=1)
+    exp.scenario = "continual"
+    exp.data.task_ids = None
+    exp.continual.steps = 3
+    space = {
+        "experiment": exp.model_dump(mode="json"),
+        "search": {
+            "methods": ["NPO+GD", "ME+GD"],
+            "space": {"lr": {"loguniform": [3e-4, 3e-3]}, "epochs": 1, "beta": 0.1},
+            "scheduler": {"type": "none"},
+            "num_samples": 2,
+            "max_concurrent": 2,
+            "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        },
+        "tracking": {"experiment": "continual-e2e", "log_generations": False},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAYSWEEP_CACHE=raysweep_cache, RAYSWEEP_OBJECT_STORE_MB="200", PYTHONUNBUFFERED="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
+    env.pop("RAYSWEEP_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysweep.tune", "--space", str(path), "--storage", str(tmp_path / "results"),
+         "--name", "cont", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    exp_dir = tmp_path / "results" / "cont"
+    trials = json.loads((exp_dir / "trials.json").read_text())
+    assert {t["params"]["method"] for t in trials} == {"NPO+GD", "ME+GD"}
+    for t in trials:
+        assert t["status"] == "TERMINATED", t
+        assert [row["step"] for row in t["history"]] == [1, 2, 3]
+        sizes = [row["data/retain_size"] for row in t["history"]]
+        assert sizes[0] > sizes[1] > sizes[2]
+        assert t["history"][-1]["objective"] == pytest.approx(
+            sum(row["objective_step"] for row in t["history"]) / 3)
+
+    from raysweep.tracking import TAG_PARENT, client_for
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("continual-e2e").experiment_id])
+    children = [r for r in runs if TAG_PARENT in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        for key in ("MU", "FE", "objective_step"):
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == [1, 2, 3], key
+    assert (exp_dir / "steps.png").is_file() and (exp_dir / "steps.png").stat().st_size > 5000
