@@ -461,9 +461,21 @@ def start_ray(sweep: SweepConfig, address: str | None) -> None:
         if have < k:
             print(f"note: the cluster has {have:g} {TRIAL_DRIVER} slots; at most that many trials run at once",
                   file=sys.stderr)
-        if sweep.search.resources.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
-            print("warning: search.resources.use_gpu is true but the cluster has no GPU now "
-                  "(trials wait until GPU nodes join)", file=sys.stderr)
+        # Ray waits silently forever on a request no node can ever satisfy: check one trial's
+        # workers against the nodes there are and the node types the autoscaler may add.
+        res = sweep.search.resources
+        now = [(dict(n.get("Resources") or {}), 1) for n in ray.nodes() if n.get("Alive")]
+        later = _autoscaler_node_types()
+        if not trial_fits(res, now + later):
+            ray.shutdown()
+            shapes = ", ".join(sorted({_shape(r) for r, _ in now + later})) or "none"
+            fail("--address", "",
+                 f"one trial needs {res.num_workers} worker(s) of {_shape(worker_bundle(res))} and the cluster at "
+                 f"{address} can never provide them (nodes and autoscaler node types: {shapes}); "
+                 "change search.resources or the cluster")
+        if not trial_fits(res, now):
+            print(f"note: one trial needs {res.num_workers} worker(s) of {_shape(worker_bundle(res))}; "
+                  "trials wait until the autoscaler adds such nodes", file=sys.stderr)
         return
     # Workers import raysweep too: make it importable from wherever Ray starts them.
     root = str(Path(__file__).resolve().parent.parent)
@@ -500,6 +512,47 @@ def start_ray(sweep: SweepConfig, address: str | None) -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=port,
     )
+
+
+def worker_bundle(res) -> dict[str, float]:
+    """The resources of one Train worker of a trial (``search.resources``)."""
+    bundle = {"CPU": float(res.cpus_per_worker)}
+    if res.use_gpu and res.gpus_per_worker > 0:
+        bundle["GPU"] = float(res.gpus_per_worker)
+    return bundle
+
+
+def trial_fits(res, nodes: list[tuple[dict[str, float], int]]) -> bool:
+    """Whether ``num_workers`` worker bundles fit on ``nodes`` — ``(resources, count)`` pairs,
+    count -1 for an autoscaler node type without a maximum. Each bundle must fit on one node."""
+    bundle = worker_bundle(res)
+    room = 0
+    for resources, count in nodes:
+        per_node = min(int(resources.get(key, 0.0) // need) for key, need in bundle.items())
+        if per_node <= 0 or count == 0:
+            continue
+        if count < 0:
+            return True
+        room += per_node * count
+    return room >= res.num_workers
+
+
+def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
+    """Node types the cluster's autoscaler may launch (empty without an autoscaler)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config reachable: only live nodes count
+        return []
+    if config is None:
+        return []
+    return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
+
+
+def _shape(resources: dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU") if resources.get(k)]
+    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}" if keys else "{}"
 
 
 def _free_port() -> int:

@@ -23,7 +23,8 @@ import yaml
 
 from raysweep.config import ConfigError, ExperimentConfig, SweepConfig, parse_config
 from raysweep.trial import TrialDiverged, divergence_message, sampled_params, trial_experiment
-from raysweep.tune import SpaceBuilder, error_reason, main, pareto_front, results_table, uses_beta
+from raysweep.config import ResourcesConfig
+from raysweep.tune import SpaceBuilder, error_reason, main, pareto_front, results_table, trial_fits, uses_beta
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_WORKER = f"{Path(__file__).resolve().parent / 'fake_worker.py'}:run"
@@ -315,6 +316,21 @@ def test_grid_rejects_continuous_ranges_naming_the_key(where, key):
     assert key in err.value.one_line() and "choice list" in err.value.one_line()
 
 
+def test_trial_fits_counts_bundles_per_node_and_autoscaler_types():
+    two_gpu = ResourcesConfig(num_workers=2, use_gpu=True, gpus_per_worker=1, cpus_per_worker=4)
+    cpu_node, gpu_node = {"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}
+    assert not trial_fits(two_gpu, [(cpu_node, 1), (cpu_node, 1)])  # no GPU anywhere
+    assert not trial_fits(two_gpu, [(gpu_node, 1)])  # one bundle per node, two needed
+    assert trial_fits(two_gpu, [(gpu_node, 1), (gpu_node, 1)])
+    assert trial_fits(two_gpu, [({"CPU": 96.0, "GPU": 8.0}, 1)])  # both on one p4d
+    p4d = ({"CPU": 96.0, "GPU": 8.0}, 0)
+    assert not trial_fits(two_gpu, [(cpu_node, 1), p4d])  # an autoscaler type with max 0
+    assert trial_fits(two_gpu, [(cpu_node, 1), (p4d[0], 2)]) and trial_fits(two_gpu, [(gpu_node, -1)])
+    cpu_only = ResourcesConfig(num_workers=3, cpus_per_worker=2)
+    assert trial_fits(cpu_only, [({"CPU": 4.0}, 1), ({"CPU": 2.0}, 1)])
+    assert not trial_fits(cpu_only, [({"CPU": 4.0}, 1), ({"CPU": 1.0}, 3)])
+
+
 # ----------------------------------------------------------------------------- Ray sweeps (fake worker)
 
 
@@ -521,3 +537,27 @@ def test_two_node_cluster_places_trials_on_both_nodes(tmp_path, monkeypatch):
     best = json.loads((tmp_path / "results" / "exp" / "best.json").read_text())
     assert best["objective"] == "pareto" and 1 <= len(best["pareto_front"]) <= 2
     assert "Started a local Ray instance" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_trial_on_a_cpu_cluster_without_autoscaler_exits_2(tmp_path, monkeypatch):
+    """Ray would wait forever for GPUs no node has and no autoscaler can add: fail instead."""
+    from ray.cluster_utils import Cluster
+
+    data = {"search": {"methods": ["ME+GD"], "resources": {"use_gpu": True, "num_workers": 2}}}
+    space = write_yaml(tmp_path / "space.yaml", data)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"trial_driver": 1}, "object_store_memory": 100 * 1024 * 1024})
+    try:
+        started = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-m", "raysweep.tune", "--space", str(space), "--storage", str(tmp_path / "results"),
+             "--address", cluster.address], cwd=REPO, env=fake_env(tmp_path), capture_output=True, text=True,
+            timeout=180)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "--address" in lines[0] and "can never provide" in lines[0], proc.stderr[-2000:]
+    assert "GPU: 1" in lines[0] and time.time() - started < 120
