@@ -9,7 +9,8 @@ embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fix
 - **grid** (``search.algorithm: grid``, no scheduler): the paper's protocol — 3 learning rates
   × {3, 5} epochs per method, 12 trials, 48 trial-epochs. The paper's 1e-5 / 2e-5 / 5e-5 for 7B
   models are scaled to the tiny model's range as 4e-4 / 8e-4 / 2e-3 (same 1 : 2 : 5 ratios).
-- **TPE + ASHA** (``algorithm: optuna``, ASHA grace 1, reduction factor 2): lr log-uniform over
+- **TPE + ASHA** (``algorithm: optuna``, ASHA grace ``--grace`` epochs (default 1, tiny.yaml's),
+  reduction factor 2): lr log-uniform over
   [1e-4, 3e-3], epochs 2–5, the same number of trials (12), no enqueued defaults (so that it
   gets no grid point for free).
 
@@ -41,7 +42,7 @@ GRID_EPOCHS = (3, 5)
 TARGET = 0.40
 
 
-def sweep_args(arm: str, seed: int) -> list[str]:
+def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None) -> list[str]:
     common = [
         f"search.methods={METHODS}",
         "search.overrides={ME+GD: {forget_coeff: 0.1}}",
@@ -62,21 +63,29 @@ def sweep_args(arm: str, seed: int) -> list[str]:
         specific = [
             "search.algorithm=optuna",
             f"search.space={{lr: {{loguniform: [1.0e-4, 3.0e-3]}}, epochs: {{int: [2, 5]}}, {FIXED}}}",
-            "search.scheduler={type: asha, grace_period: 1, reduction_factor: 2}",
+            f"search.scheduler={{type: asha, grace_period: {grace}, reduction_factor: 2}}",
             f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
         ]
+        if startup is not None:
+            specific.append(f"search.tpe_startup_trials={startup}")
     return [part for item in common + specific for part in ("--set", item)]
 
 
-def run_sweep(space: str, arm: str, seed: int, work: Path) -> tuple[Path, float]:
-    name = "grid" if arm == "grid" else f"{arm}-seed{seed}"
+def variant(grace: int, startup: int | None) -> str:
+    """Name suffix of a TPE + ASHA variant other than (grace 1, raysweep's start-up default)."""
+    return (f"_grace{grace}" if grace != 1 else "") + (f"_startup{startup}" if startup is not None else "")
+
+
+def run_sweep(space: str, arm: str, seed: int, work: Path, grace: int = 1,
+              startup: int | None = None) -> tuple[Path, float]:
+    name = "grid" if arm == "grid" else f"{arm}-seed{seed}" + variant(grace, startup)
     path = work / "results" / name
     log = work / f"{name}.log"
     if (path / "trials.json").is_file():
         print(f"[bench] {name}: reusing {path}", flush=True)
         return path, float("nan")
     cmd = [sys.executable, "-m", "raysweep.tune", "--space", space, "--storage", str(work / "results"),
-           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed)]
+           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed, grace, startup)]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -118,7 +127,7 @@ def epochs_to_reach(rows: list[dict], target: float) -> int | None:
     return next((r["trial_epochs"] for r in rows if r["best"] >= target), None)
 
 
-def plot(results: list[dict], out: Path) -> None:
+def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +140,7 @@ def plot(results: list[dict], out: Path) -> None:
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
         rows = result["tpe_asha"]["curve"]
         ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color=color,
-                alpha=0.85, label=f"TPE + ASHA, seed {result['seed']}")
+                alpha=0.85, label=f"TPE ({'default' if startup is None else startup} start-up) + ASHA (grace {grace}), seed {result['seed']}")
     grid_total = max(r["grid"]["trial_epochs"] for r in results)
     ax.axvline(TARGET * grid_total, color="tab:red", linestyle="--", label=f"{TARGET:.0%} of the grid's trial-epochs")
     ax.set_xlabel("cumulative trial-epochs")
@@ -148,6 +157,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--space", default=str(REPO / "search_spaces" / "tiny.yaml"))
     parser.add_argument("--out", default=str(REPO / "docs" / "bench"))
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the TPE + ASHA arm")
+    parser.add_argument("--startup", type=int, default=None,
+                        help="search.tpe_startup_trials of the TPE arm (default: raysweep's, num_samples // 4)")
     parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
     args = parser.parse_args()
     work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
@@ -160,8 +172,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "from raysweep.config import load_config; "
                     "from raysweep.scenarios import ensure_embedded_for; "
                     f"ensure_embedded_for(load_config({space!r}).experiment)"], check=True, cwd=work)
+    suffix = variant(args.grace, args.startup)
+
     def arm_result(arm: str, seed: int) -> dict:
-        path, seconds = run_sweep(space, arm, seed, work)
+        path, seconds = run_sweep(space, arm, seed, work, args.grace, args.startup)
         rows = curve(path)
         return {"path": str(path), "wall_s": round(seconds, 1), "trial_epochs": len(rows),
                 "best": max(r["objective"] for r in rows), "curve": rows}
@@ -174,8 +188,8 @@ def main() -> None:
         result["tpe_epochs_to_grid_best"] = needed
         result["fraction_of_grid"] = None if needed is None else needed / result["grid"]["trial_epochs"]
         results.append(result)
-        (out / "search_efficiency.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "search_efficiency.png")
+        (out / f"search_efficiency{suffix}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"search_efficiency{suffix}.png", args.grace, args.startup)
 
     print("\n| seed | grid best | grid trial-epochs | TPE+ASHA best | TPE+ASHA trial-epochs | "
           "TPE+ASHA trial-epochs to the grid's best | fraction |")
@@ -188,7 +202,7 @@ def main() -> None:
     reached = [r["fraction_of_grid"] for r in results if r["fraction_of_grid"] is not None]
     verdict = "met" if len(reached) == len(results) and max(reached) <= TARGET else "NOT met"
     print(f"\ntarget (TPE + ASHA reaches the grid's best with <= {TARGET:.0%} of its trial-epochs, every seed): {verdict}")
-    print(f"wrote {out / 'search_efficiency.json'} and {out / 'search_efficiency.png'}")
+    print(f"wrote {out / f'search_efficiency{suffix}.json'} and {out / f'search_efficiency{suffix}.png'}")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,9 @@ class SearchConfig(Strict):
     # paper's protocol), once each — num_samples is then the number of grid points
     algorithm: Literal["optuna", "grid"] = "optuna"
     seed: int = 0
+    # TPE's random start-up trials before it models the space; None: num_samples // 4, clipped
+    # to [2, 10] (Optuna's own default of 10 leaves a 12-trial sweep almost random)
+    tpe_startup_trials: int | None = Field(default=None, ge=1)
     enqueue_defaults: bool = True  # the paper's defaults of each method are tried first
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     num_samples: int = Field(default=8, ge=1)
@@ -333,6 +336,11 @@ class SearchConfig(Strict):
     def _override_keys(self, method: str) -> set[str]:
         spec = self.overrides.get(method)
         return set() if spec is None else set(spec.model_dump(exclude_none=True))
+
+    def startup_trials(self) -> int:
+        if self.tpe_startup_trials is not None:
+            return self.tpe_startup_trials
+        return min(10, max(2, self.num_samples // 4))
 
     def space_for(self, method: str) -> ParamSpace:
         """The method's space: ``space`` with the method's ``overrides`` laid on top."""

@@ -256,7 +256,8 @@ def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
         # multivariate + group: TPE models each method's (conditional) parameters jointly;
         # constant_liar: concurrent trials do not all pick the same point.
         sampler = optuna.samplers.TPESampler(
-            seed=search.seed, multivariate=True, group=True, constant_liar=True
+            seed=search.seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=search.startup_trials(),
         )
     if search.objective == "pareto":
         metric, mode = ["MU", "FE"], ["max", "max"]

@@ -141,3 +141,10 @@ def test_unlearn_cli_bad_input_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "search.methods.0" in lines[0], proc.stderr
+
+
+def test_tpe_startup_trials_scale_with_the_budget():
+    from raysweep.config import SearchConfig
+
+    assert [SearchConfig(num_samples=n).startup_trials() for n in (4, 8, 12, 40, 100)] == [2, 2, 3, 10, 10]
+    assert SearchConfig(num_samples=12, tpe_startup_trials=5).startup_trials() == 5
