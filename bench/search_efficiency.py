@@ -1,6 +1,6 @@
 """Search efficiency: the paper's grid against TPE + ASHA, in trial-epochs, on the embedded default.
 
-    python bench/search_efficiency.py [--seeds 0 1 2] [--space search_spaces/tiny.yaml]
+    python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1] [--startup N] [--space search_spaces/tiny.yaml]
                                       [--out docs/bench] [--work DIR]
 
 For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
@@ -20,8 +20,8 @@ do not depend on a seed — runs once and is the reference for every TPE seed. E
 trial-epoch; the curves order all epochs of a sweep by the time Tune received them (two
 trials run at once). The figure of merit is the number of trial-epochs TPE + ASHA needs to
 reach the grid's best objective (of the same seed), as a fraction of the grid's 48 (target
-≤ 40 %). Writes ``search_efficiency.json`` and ``search_efficiency.png`` under ``--out`` and
-prints a Markdown table.
+≤ 40 %). Writes ``search_efficiency_grace<G>_startup<S>.{json,png}`` under ``--out`` and prints
+a Markdown table; finished sweeps in ``--work`` are reused when rerun.
 """
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None) 
 
 
 def variant(grace: int, startup: int | None) -> str:
-    """Name suffix of a TPE + ASHA variant other than (grace 1, raysweep's start-up default)."""
-    return (f"_grace{grace}" if grace != 1 else "") + (f"_startup{startup}" if startup is not None else "")
+    """Name suffix of a TPE + ASHA variant: its ASHA grace period and TPE start-up trials."""
+    if startup is None:  # raysweep's default for this budget
+        from raysweep.config import SearchConfig
+
+        startup = SearchConfig(num_samples=len(GRID_LRS) * len(GRID_EPOCHS) * 2).startup_trials()
+    return f"_grace{grace}_startup{startup}"
 
 
 def run_sweep(space: str, arm: str, seed: int, work: Path, grace: int = 1,
