@@ -91,9 +91,10 @@ def main() -> None:
     space = str(Path(args.space).resolve())
     with tempfile.TemporaryDirectory(prefix="raysweep-mem-") as tmp:
         work = Path(tmp)
-        subprocess.run([sys.executable, "-c", "from raysweep.config import load_config; "
-                        "from raysweep.scenarios import ensure_embedded_for; "
-                        f"ensure_embedded_for(load_config({space!r}).experiment)"], check=True, cwd=work)
+        from raysweep.config import load_config
+        from raysweep.scenarios import ensure_embedded_for
+
+        ensure_embedded_for(load_config(space).experiment)  # before measuring: no sweep builds it
         results = [measure(space, c, args.trials, args.epochs, work) for c in args.concurrency]
     print("| concurrent trials | trials x epochs | wall time | peak RSS (sum) | peak PSS (sum) | processes at peak |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -65,9 +65,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # build / find the embedded model first, so neither timing includes it
-        subprocess.run([sys.executable, "-c", "import sys; from raysweep.config import load_config; "
-                        "from raysweep.scenarios import resolve; "
-                        f"resolve(load_config({args.space!r}).experiment)"], check=True, cwd=tmp)
+        from raysweep.config import load_config
+        from raysweep.scenarios import ensure_embedded_for
+
+        ensure_embedded_for(load_config(args.space).experiment)
         plain, out = timed([sys.executable, "-m", "raysweep.unlearn", "--config", args.space, *sets], tmp)
         plain_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         swept, _ = timed([sys.executable, "-m", "raysweep.tune", "--space", args.space, *sets,

@@ -173,9 +173,10 @@ def main() -> None:
     space = str(Path(args.space).resolve())
 
     # build (or find) the embedded model once, before any timing
-    subprocess.run([sys.executable, "-c", "from raysweep.config import load_config; "
-                    "from raysweep.scenarios import ensure_embedded_for; "
-                    f"ensure_embedded_for(load_config({space!r}).experiment)"], check=True, cwd=work)
+    from raysweep.config import load_config
+    from raysweep.scenarios import ensure_embedded_for
+
+    ensure_embedded_for(load_config(space).experiment)
     suffix = variant(args.grace, args.startup)
 
     def arm_result(arm: str, seed: int) -> dict:

@@ -137,10 +137,15 @@ class TrialSetup:
         )
 
     def resources_per_worker(self) -> dict[str, float]:
-        resources = {"CPU": float(self.cpus_per_worker)}
-        if self.use_gpu:
-            resources["GPU"] = float(self.gpus_per_worker)
-        return resources
+        return worker_resources(self.cpus_per_worker, self.use_gpu, self.gpus_per_worker)
+
+
+def worker_resources(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float) -> dict[str, float]:
+    """One Train worker's ``resources_per_worker`` (also what the cluster check fits on nodes)."""
+    resources = {"CPU": float(cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(gpus_per_worker)
+    return resources
 
 
 def is_remote(path: str) -> bool:

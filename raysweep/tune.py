@@ -66,7 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from raysweep.config import Range, SweepConfig, fail, load_or_exit
-from raysweep.trial import GRID_KEY, PARAM_KEYS, WORKER_ENV, TrialSetup, is_remote, run_trial, sampled_params, trial_experiment
+from raysweep.trial import (
+    GRID_KEY, PARAM_KEYS, WORKER_ENV, TrialSetup, is_remote, run_trial, sampled_params, trial_experiment, worker_resources,
+)
 
 TRIAL_DRIVER = "trial_driver"
 SWEEP_FILE = "sweep.json"  # the validated configuration, saved for --resume
@@ -182,11 +184,16 @@ class SpaceBuilder:
             value = getattr(space, key)
             if isinstance(value, Range):
                 out[key] = _suggest(trial, self.param_name(method, key), key, value)
-            elif value is not None:
-                out[key] = int(value) if key in ("epochs", "lora_r") else value
-            elif key in self.training_values:
-                out[key] = self.training_values[key]
+            elif (fixed := self._fixed(key, value)) is not None:
+                out[key] = fixed
         return out
+
+    def _fixed(self, key: str, value: Any) -> Any:
+        """A key that is not searched: its scalar from the space, else ``experiment.training``'s
+        value (None when neither gives one)."""
+        if value is not None:
+            return int(value) if key in ("epochs", "lora_r") else value
+        return self.training_values.get(key)
 
     def default_points(self) -> list[dict[str, Any]]:
         """The paper's defaults of each method, as Optuna parameters (for ``enqueue_trial``)."""
@@ -213,15 +220,13 @@ class SpaceBuilder:
             for key in self.keys_for(method):
                 value = getattr(self.spaces[method], key)
                 if isinstance(value, Range):
-                    values = list(value.choice)
-                elif value is not None:
-                    values = [value]
-                elif key in self.training_values:
-                    values = [self.training_values[key]]
+                    values = [int(v) if key in ("epochs", "lora_r") else v for v in value.choice]
+                elif (fixed := self._fixed(key, value)) is not None:
+                    values = [fixed]
                 else:
                     continue
                 keys.append(key)
-                options.append([int(v) if key in ("epochs", "lora_r") else v for v in values])
+                options.append(values)
             for combo in itertools.product(*options):
                 points.append({"method": method, **dict(zip(keys, combo))})
         return points
@@ -516,11 +521,8 @@ def start_ray(sweep: SweepConfig, address: str | None) -> None:
 
 
 def worker_bundle(res) -> dict[str, float]:
-    """The resources of one Train worker of a trial (``search.resources``)."""
-    bundle = {"CPU": float(res.cpus_per_worker)}
-    if res.use_gpu and res.gpus_per_worker > 0:
-        bundle["GPU"] = float(res.gpus_per_worker)
-    return bundle
+    """One Train worker's resources under ``search.resources`` (as the trial requests them)."""
+    return worker_resources(res.cpus_per_worker, res.use_gpu, res.gpus_per_worker)
 
 
 def trial_fits(res, nodes: list[tuple[dict[str, float], int]]) -> bool:
@@ -529,7 +531,7 @@ def trial_fits(res, nodes: list[tuple[dict[str, float], int]]) -> bool:
     bundle = worker_bundle(res)
     room = 0
     for resources, count in nodes:
-        per_node = min(int(resources.get(key, 0.0) // need) for key, need in bundle.items())
+        per_node = min(int(resources.get(key, 0.0) // need) for key, need in bundle.items() if need > 0)
         if per_node <= 0 or count == 0:
             continue
         if count < 0:

@@ -20,6 +20,22 @@ from test_train import experiment
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_sweep(space: dict, name: str, tmp_path: Path, raysweep_cache: str, **env_extra: str) -> None:
+    """``python -m raysweep.tune`` on ``space`` with the real worker, results and MLflow in ``tmp_path``."""
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAYSWEEP_CACHE=raysweep_cache, RAYSWEEP_OBJECT_STORE_MB="200", PYTHONUNBUFFERED="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", **env_extra)
+    env.pop("RAYSWEEP_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysweep.tune", "--space", str(path), "--storage", str(tmp_path / "results"),
+         "--name", name, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.slow
 def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, tmp_path):
     exp = experiment(embedded_specs, method="ME+GD", epochs=3)
@@ -37,18 +53,7 @@ def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, t
         },
         "tracking": {"experiment": "embedded-e2e"},
     }
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAYSWEEP_CACHE=raysweep_cache, RAYSWEEP_OBJECT_STORE_MB="200", PYTHONUNBUFFERED="1",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
-    env.pop("RAYSWEEP_WORKER", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysweep.tune", "--space", str(path), "--storage", str(tmp_path / "results"),
-         "--name", "e2e", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_sweep(space, "e2e", tmp_path, raysweep_cache, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     exp_dir = tmp_path / "results" / "e2e"
     best = json.loads((exp_dir / "best.json").read_text())
     assert best["params"]["method"] in ("ME+GD", "IDK+AP")
@@ -108,18 +113,7 @@ def test_continual_sweep_reports_and_logs_per_step(embedded, embedded_specs, ray
         },
         "tracking": {"experiment": "continual-e2e", "log_generations": False},
     }
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAYSWEEP_CACHE=raysweep_cache, RAYSWEEP_OBJECT_STORE_MB="200", PYTHONUNBUFFERED="1",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
-    env.pop("RAYSWEEP_WORKER", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "raysweep.tune", "--space", str(path), "--storage", str(tmp_path / "results"),
-         "--name", "cont", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_sweep(space, "cont", tmp_path, raysweep_cache)
     exp_dir = tmp_path / "results" / "cont"
     trials = json.loads((exp_dir / "trials.json").read_text())
     assert {t["params"]["method"] for t in trials} == {"NPO+GD", "ME+GD"}
