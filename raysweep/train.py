@@ -22,6 +22,7 @@ A non-finite loss raises :class:`DivergenceError`, which the caller records as a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -142,6 +143,54 @@ def warmup_then_linear_decay(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def precision_plan(dtype: str, device: torch.device, use_ds: bool, lora: bool) -> tuple[str, torch.dtype | None]:
+    """The dtype the weights load in and the autocast dtype (or None) of a run.
+
+    ``dtype`` is ``model.dtype`` from the config; only ``"auto"`` is decided here:
+
+    * CPU: float32 weights, no autocast;
+    * GPU + DeepSpeed: bfloat16 weights (DeepSpeed's bf16 mode keeps fp32 master weights and
+      optimizer state);
+    * GPU + LoRA: bfloat16 frozen base (peft keeps the adapters in float32);
+    * GPU, plain full fine-tuning: float32 weights under bfloat16 autocast.  AdamW applied to
+      bfloat16 weights rounds away every update below 2^-8 of the weight (8 mantissa bits), and
+      at unlearning learning rates (~1e-5) that is most of them.
+    """
+    if dtype != "auto":
+        return dtype, None
+    if device.type != "cuda":
+        return "float32", None
+    if use_ds or lora:
+        return "bfloat16", None
+    return "float32", torch.bfloat16
+
+
+@contextlib.contextmanager
+def _zero3_init(ds_config: dict | None):
+    """While open, ``from_pretrained`` loads weights straight into ZeRO-3 partitions.
+
+    Only the trained model may load this way: a model loaded later with the setting still alive
+    (the retain model of Forget Quality, the NLI and embedding models) would come out
+    partitioned with no engine to gather it, and fail at its first forward.
+    """
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> dict:
     """DeepSpeed config dict: ZeRO stage, offload, bf16 on GPU (fp32 on CPU)."""
     ds, tr = cfg.training.deepspeed, cfg.training
@@ -235,17 +284,12 @@ def run_unlearning(
     use_ds = tr.deepspeed is not None
     grad_accum = accumulation_steps(tr.effective_batch_size, tr.per_device_batch_size, world.size)
     ds_config = deepspeed_config(cfg, grad_accum, use_gpu) if use_ds else None
-    hf_ds_config = None
-    if use_ds and tr.deepspeed.zero_stage == 3 and model is None:
-        # Must exist before from_pretrained so that weights load straight into ZeRO-3 partitions.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
-    dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if (use_gpu and torch.cuda.is_available()) else "float32"
+    dtype, amp = precision_plan(cfg.model.dtype, world.device, use_ds, tr.lora.enabled)
+    zero3_config = ds_config if use_ds and tr.deepspeed.zero_stage == 3 else None
+    partitioned = model is None and zero3_config is not None  # weights born in ZeRO-3 partitions
     if model is None:
-        model = load_model(resolved.model, dtype=dtype)
+        with _zero3_init(zero3_config):
+            model = load_model(resolved.model, dtype=dtype)
     if use_ds and tr.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -276,6 +320,11 @@ def run_unlearning(
     ref_model = None
     if reference is not None and (method.needs_ref_model or method.needs_ref_logps):
         ref_model = _freeze(reference)
+    elif method.needs_ref_model and partitioned:
+        # A partitioned model cannot be deep-copied (each parameter is an empty shell plus
+        # DeepSpeed state): load the reference from the same weights, partitioned likewise.
+        with _zero3_init(zero3_config):
+            ref_model = _freeze(load_model(resolved.model, dtype=dtype))
     elif method.needs_ref_model:
         ref_model = _freeze(copy.deepcopy(model))
     if not use_ds:
@@ -320,10 +369,11 @@ def run_unlearning(
     ref_logps = None
     if method.needs_ref_logps:
         full_loader = DataLoader(dataset, batch_size=tr.per_device_batch_size, shuffle=False, collate_fn=collate)
-        ref_logps = collect_reference_logps(
-            engine if reference is None else ref_model,
-            (_to_device(b, world.device) for b in full_loader), len(dataset), method.ref_logp_keys,
-        )
+        with _autocast(world.device, amp):
+            ref_logps = collect_reference_logps(
+                engine if reference is None else ref_model,
+                (_to_device(b, world.device) for b in full_loader), len(dataset), method.ref_logp_keys,
+            )
         if not method.needs_ref_model:
             ref_model = None  # NPO/DPO need only the log-probs: hold no second model
 
@@ -342,7 +392,8 @@ def run_unlearning(
         n_batches = 0
         for i, batch in enumerate(loader):
             batch = _to_device(batch, world.device)
-            loss, parts = compute_loss(method, engine, batch, params, ref_model=ref_model, ref_logps=ref_logps)
+            with _autocast(world.device, amp):
+                loss, parts = compute_loss(method, engine, batch, params, ref_model=ref_model, ref_logps=ref_logps)
             if not torch.isfinite(loss):
                 raise DivergenceError(
                     f"loss became {float(loss.detach())} at epoch {epoch}, batch {i} "
@@ -368,7 +419,7 @@ def run_unlearning(
 
         engine.eval()
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(world.device, amp):
             metrics, samples = evaluator(_unwrap(engine), tokenizer)
         metrics = dict(metrics)
         metrics.update({f"train/{k}": v / max(1, n_batches) for k, v in sums.items()})
