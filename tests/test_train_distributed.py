@@ -38,3 +38,57 @@ def test_two_ranks_stay_in_sync(embedded, embedded_specs, raysweep_cache, tmp_pa
     for key in ("MU", "FE", "objective", "forget/R"):
         assert r0["metrics"][key] == pytest.approx(r1["metrics"][key])
     assert 0 <= r0["metrics"]["objective"] <= 1
+
+
+def _evaluate_target(specs) -> tuple[dict, dict]:
+    """The full evaluation of the embedded target on 3 questions per set: not a multiple of the
+    world size, so the second rank's share is padded."""
+    from raysweep.eval.evaluate import Evaluator
+    from raysweep.models import load_model, load_tokenizer
+    from raysweep.scenarios import load_run_data, resolve
+
+    cfg = experiment(specs, forget_quality=True)
+    cfg.eval.max_samples = cfg.eval.max_forget_samples = 3
+    resolved = resolve(cfg)
+    data = load_run_data(cfg, resolved)
+    evaluator = Evaluator(cfg, data.eval_sets, retain_model=resolved.retain_model, data_dir=resolved.data_dir,
+                          log=lambda msg: None)
+    return evaluator(load_model(resolved.model, dtype="float32"), load_tokenizer(resolved.model))
+
+
+def _eval_rank(rank: int, world: int, specs, cache: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), RAYSWEEP_CACHE=cache)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from raysweep.eval import evaluate as evaluate_module
+
+    calls = []
+    original = evaluate_module.Evaluator._question_values
+
+    def counting(self, model, tokenizer, eval_set, records):
+        calls.append(len(records))
+        return original(self, model, tokenizer, eval_set, records)
+
+    evaluate_module.Evaluator._question_values = counting
+    metrics, samples = _evaluate_target(specs)
+    Path(out, f"eval{rank}.json").write_text(json.dumps({"metrics": metrics, "samples": samples, "calls": calls}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_is_sharded_across_ranks_and_matches_one_process(embedded, embedded_specs, raysweep_cache, tmp_path):
+    torch.set_num_threads(1)
+    whole_metrics, whole_samples = _evaluate_target(embedded_specs)
+    mp.spawn(_eval_rank, args=(2, embedded_specs, raysweep_cache, str(tmp_path), 29541), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"eval{rank}.json").read_text())
+        # each rank generated and scored only its share: 2 of 3 questions per set (1 + 1 padding on rank 1)
+        assert {name: len(rows) for name, rows in whole_samples.items()} == dict.fromkeys(whole_samples, 3)
+        assert got["calls"] == [2] * len(whole_samples)
+        assert set(got["metrics"]) == set(whole_metrics)
+        for key, value in whole_metrics.items():
+            assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        for name, rows in whole_samples.items():
+            assert [r["question"] for r in got["samples"][name]] == [r["question"] for r in rows]
+            assert [r["generation"] for r in got["samples"][name]] == [r["generation"] for r in rows]

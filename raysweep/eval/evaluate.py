@@ -16,10 +16,17 @@ give, per set (paper Section 2.2 / Appendix D):
 CS, ES on the forget set (TE excluded); ``objective`` = (MU + FE) / 2.  A metric whose model is
 configured off (``nli_model: null``) is dropped from MU and FE, said on stderr and recorded as
 ``eval/ES_dropped = 1`` — never replaced by a made-up value.
+
+Under data parallelism (several ranks, e.g. a Ray Train trial with ``num_workers > 1``) each rank
+evaluates its own contiguous share of every set's questions and the per-question values are
+gathered, so every rank gets the whole table and the same metrics for a fraction of the work.
+Shares are padded to equal length (a repeated last question, dropped after the gather) because
+under ZeRO-3 every rank must take part in the same number of generate and forward calls.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from raysweep.data.formatting import encode_qa, format_prompt, uses_special_tokens
 from raysweep.data.records import QARecord
@@ -106,6 +114,7 @@ class Evaluator:
         synced_gpus: bool = False,
         holdout: list[QARecord] | None = None,
         log=lambda msg: print(msg, file=sys.stderr),
+        shard: bool = True,
     ):
         self.cfg = cfg
         self.ev = cfg.eval
@@ -113,6 +122,7 @@ class Evaluator:
         self.sets = sets
         self.device = torch.device(device)
         self.synced_gpus = synced_gpus
+        self.shard = shard  # split each set's questions across data-parallel ranks
         self.dropped: list[str] = []
         self.embedder = None
         self.nli = None
@@ -168,10 +178,11 @@ class Evaluator:
     def _encode(self, tokenizer, question: str, answer: str) -> dict:
         return encode_qa(tokenizer, question, answer, self.template, self.cfg.data.max_length)
 
-    def _likelihoods(self, model, tokenizer, eval_set: EvalSet) -> dict[str, Any]:
-        """One batched pass over true, paraphrased and perturbed answers of every question."""
+    def _likelihoods(self, model, tokenizer, eval_set: EvalSet, records: list[QARecord] | None = None) -> dict[str, Any]:
+        """One batched pass over true, paraphrased and perturbed answers of every question
+        (of ``records``, default the whole set)."""
         refs = references(eval_set.style, eval_set.is_forget)
-        records = eval_set.records
+        records = eval_set.records if records is None else records
         examples, spans = [], []
         for r in records:
             true = [self._encode(tokenizer, r.question, _field(r, refs.likelihood))]
@@ -205,15 +216,14 @@ class Evaluator:
             synced_gpus=self.synced_gpus, add_special_tokens=special,
         )
 
-    def evaluate_set(self, model, tokenizer, eval_set: EvalSet) -> tuple[dict[str, float], list[dict], dict]:
+    def _question_values(self, model, tokenizer, eval_set: EvalSet, records: list[QARecord]) -> list[dict]:
+        """Per question of ``records``: generation, R, P, TR, TE (and CS, ES) and the answer's
+        token log-probs (for membership inference)."""
         refs = references(eval_set.style, eval_set.is_forget)
-        records = eval_set.records
-        if not records:
-            raise ValueError(f"evaluation set {eval_set.name!r} is empty")
         generations = self._generate(model, tokenizer, records)
         rouge_refs = [_field(r, refs.rouge) for r in records]
         rouge = [rouge_l_recall(g, ref) for g, ref in zip(generations, rouge_refs)]
-        like = self._likelihoods(model, tokenizer, eval_set)
+        like = self._likelihoods(model, tokenizer, eval_set, records)
         entropy = [
             token_entropy(tokenizer.convert_ids_to_tokens(tokenizer.encode(g, add_special_tokens=False)))
             for g in generations
@@ -226,18 +236,7 @@ class Evaluator:
             premises, hypotheses = (generations, es_refs) if refs.es_generation_is_premise else (es_refs, generations)
             # pairs with R < 0.1 (ROUGE against the R reference, as the paper) skip the model
             es = self.nli.labels(premises, hypotheses, rouge)
-
-        metrics = {
-            "R": float(np.mean(rouge)),
-            "P": float(np.mean(like["probabilities"])),
-            "TR": truth_ratio_score(like["truth_ratios"], forget=eval_set.is_forget),
-            "TE": float(np.mean(entropy)),
-        }
-        if cosine is not None:
-            metrics["CS"] = float(np.mean(cosine))
-        if es is not None:
-            metrics["ES"] = float(np.mean(es))
-        samples = []
+        rows = []
         for i, r in enumerate(records):
             row = {
                 "question": r.question,
@@ -252,8 +251,49 @@ class Evaluator:
                 row["CS"] = float(cosine[i])
             if es is not None:
                 row["ES"] = bool(es[i])
-            samples.append(row)
-        return metrics, samples, like
+            row["_token_logprobs"] = like["token_logprobs"][i]
+            rows.append(row)
+        return rows
+
+    def _sharded(self, eval_set: EvalSet, compute) -> list[dict]:
+        """``compute(records)`` over the whole set: on this rank's share when data-parallel,
+        gathered so that every rank returns every question's values, in order."""
+        records = eval_set.records
+        world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
+        if world == 1 or len(records) < world:
+            return compute(records)
+        if self.synced_gpus and len({len(r.perturbed_answer) for r in records}) > 1:
+            # ZeRO-3 ranks must run equally many forward passes: only equal shares guarantee it
+            return compute(records)
+        rank, per = dist.get_rank(), math.ceil(len(records) / world)
+        mine = records[rank * per:(rank + 1) * per]
+        real = len(mine)
+        rows = compute(mine + [records[-1]] * (per - real))[:real]
+        shares: list = [None] * world
+        dist.all_gather_object(shares, rows)
+        return [row for share in shares for row in share]
+
+    def evaluate_set(self, model, tokenizer, eval_set: EvalSet) -> tuple[dict[str, float], list[dict], dict]:
+        records = eval_set.records
+        if not records:
+            raise ValueError(f"evaluation set {eval_set.name!r} is empty")
+        rows = self._sharded(eval_set, lambda recs: self._question_values(model, tokenizer, eval_set, recs))
+        like = {
+            "probabilities": [row["P"] for row in rows],
+            "truth_ratios": [row["TR"] for row in rows],
+            "token_logprobs": [row.pop("_token_logprobs") for row in rows],
+        }
+        metrics = {
+            "R": float(np.mean([row["R"] for row in rows])),
+            "P": float(np.mean(like["probabilities"])),
+            "TR": truth_ratio_score(like["truth_ratios"], forget=eval_set.is_forget),
+            "TE": float(np.mean([row["TE"] for row in rows])),
+        }
+        if self.embedder is not None:
+            metrics["CS"] = float(np.mean([row["CS"] for row in rows]))
+        if self.nli is not None:
+            metrics["ES"] = float(np.mean([row["ES"] for row in rows]))
+        return metrics, rows, like
 
     def __call__(self, model, tokenizer) -> tuple[dict[str, float], dict[str, list[dict]]]:
         out: dict[str, float] = {}
