@@ -1,6 +1,7 @@
 """Search efficiency: the paper's grid against TPE + ASHA, in trial-epochs, on the embedded default.
 
-    python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1] [--startup N] [--space search_spaces/tiny.yaml]
+    python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1] [--startup N] [--tpe-space wide|grid-box]
+                                      [--space search_spaces/tiny.yaml]
                                       [--out docs/bench] [--work DIR]
 
 For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
@@ -10,9 +11,11 @@ embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fix
   × {3, 5} epochs per method, 12 trials, 48 trial-epochs. The paper's 1e-5 / 2e-5 / 5e-5 for 7B
   models are scaled to the tiny model's range as 4e-4 / 8e-4 / 2e-3 (same 1 : 2 : 5 ratios).
 - **TPE + ASHA** (``algorithm: optuna``, ASHA grace ``--grace`` epochs (default 1, tiny.yaml's),
-  reduction factor 2): lr log-uniform over
-  [1e-4, 3e-3], epochs 2–5, the same number of trials (12), no enqueued defaults (so that it
-  gets no grid point for free).
+  reduction factor 2), the same number of trials (12), no enqueued defaults (so that it gets no
+  grid point for free), over ``--tpe-space``: ``wide`` (tiny.yaml's ranges: lr log-uniform over
+  [1e-4, 3e-3], epochs 2–5 sampled) or ``grid-box`` (lr log-uniform over the grid's span
+  [4e-4, 2e-3], epochs fixed at the grid's longest, 5, and cut short by ASHA: epochs as the
+  budget ASHA allocates rather than a hyperparameter).
 
 The seeds are TPE's (``search.seed``); training uses the YAML's fixed ``experiment.training.seed``
 in both arms, so both search the same objective landscape and the grid — whose 12 configurations
@@ -42,7 +45,16 @@ GRID_EPOCHS = (3, 5)
 TARGET = 0.40
 
 
-def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None) -> list[str]:
+TPE_SPACES = {
+    # the tiny.yaml ranges: wider than the grid in lr, and epochs searched as a hyperparameter
+    "wide": "lr: {loguniform: [1.0e-4, 3.0e-3]}, epochs: {int: [2, 5]}",
+    # the grid's own box: lr continuous over the grid's span; epochs fixed at the grid's longest,
+    # so that ASHA, not the sampler, decides how many epochs a trial gets (epochs as budget)
+    "grid-box": f"lr: {{loguniform: [{min(GRID_LRS):g}, {max(GRID_LRS):g}]}}, epochs: {max(GRID_EPOCHS)}",
+}
+
+
+def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None, tpe_space: str = "wide") -> list[str]:
     common = [
         f"search.methods={METHODS}",
         "search.overrides={ME+GD: {forget_coeff: 0.1}}",
@@ -62,7 +74,7 @@ def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None) 
     else:
         specific = [
             "search.algorithm=optuna",
-            f"search.space={{lr: {{loguniform: [1.0e-4, 3.0e-3]}}, epochs: {{int: [2, 5]}}, {FIXED}}}",
+            f"search.space={{{TPE_SPACES[tpe_space]}, {FIXED}}}",
             f"search.scheduler={{type: asha, grace_period: {grace}, reduction_factor: 2}}",
             f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
         ]
@@ -71,25 +83,25 @@ def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None) 
     return [part for item in common + specific for part in ("--set", item)]
 
 
-def variant(grace: int, startup: int | None) -> str:
-    """Name suffix of a TPE + ASHA variant: its ASHA grace period and TPE start-up trials."""
+def variant(grace: int, startup: int | None, tpe_space: str = "wide") -> str:
+    """Name suffix of a TPE + ASHA variant: ASHA grace period, TPE start-up trials, TPE space."""
     if startup is None:  # raysweep's default for this budget
         from raysweep.config import SearchConfig
 
         startup = SearchConfig(num_samples=len(GRID_LRS) * len(GRID_EPOCHS) * 2).startup_trials()
-    return f"_grace{grace}_startup{startup}"
+    return f"_grace{grace}_startup{startup}" + ("" if tpe_space == "wide" else "_" + tpe_space.replace("-", ""))
 
 
 def run_sweep(space: str, arm: str, seed: int, work: Path, grace: int = 1,
-              startup: int | None = None) -> tuple[Path, float]:
-    name = "grid" if arm == "grid" else f"{arm}-seed{seed}" + variant(grace, startup)
+              startup: int | None = None, tpe_space: str = "wide") -> tuple[Path, float]:
+    name = "grid" if arm == "grid" else f"{arm}-seed{seed}" + variant(grace, startup, tpe_space)
     path = work / "results" / name
     log = work / f"{name}.log"
     if (path / "trials.json").is_file():
         print(f"[bench] {name}: reusing {path}", flush=True)
         return path, float("nan")
     cmd = [sys.executable, "-m", "raysweep.tune", "--space", space, "--storage", str(work / "results"),
-           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed, grace, startup)]
+           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed, grace, startup, tpe_space)]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -131,7 +143,7 @@ def epochs_to_reach(rows: list[dict], target: float) -> int | None:
     return next((r["trial_epochs"] for r in rows if r["best"] >= target), None)
 
 
-def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = None) -> None:
+def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = None, tpe_space: str = "wide") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +156,7 @@ def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = N
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
         rows = result["tpe_asha"]["curve"]
         ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color=color,
-                alpha=0.85, label=f"TPE ({'default' if startup is None else startup} start-up) + ASHA (grace {grace}), seed {result['seed']}")
+                alpha=0.85, label=f"TPE ({'default' if startup is None else startup} start-up, {tpe_space}) + ASHA (grace {grace}), seed {result['seed']}")
     grid_total = max(r["grid"]["trial_epochs"] for r in results)
     ax.axvline(TARGET * grid_total, color="tab:red", linestyle="--", label=f"{TARGET:.0%} of the grid's trial-epochs")
     ax.set_xlabel("cumulative trial-epochs")
@@ -164,6 +176,9 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the TPE + ASHA arm")
     parser.add_argument("--startup", type=int, default=None,
                         help="search.tpe_startup_trials of the TPE arm (default: raysweep's, num_samples // 4)")
+    parser.add_argument("--tpe-space", choices=sorted(TPE_SPACES), default="wide",
+                        help="wide: tiny.yaml's ranges (epochs sampled); grid-box: the grid's lr span, "
+                             "epochs fixed at its longest and cut by ASHA")
     parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
     args = parser.parse_args()
     work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
@@ -177,10 +192,10 @@ def main() -> None:
     from raysweep.scenarios import ensure_embedded_for
 
     ensure_embedded_for(load_config(space).experiment)
-    suffix = variant(args.grace, args.startup)
+    suffix = variant(args.grace, args.startup, args.tpe_space)
 
     def arm_result(arm: str, seed: int) -> dict:
-        path, seconds = run_sweep(space, arm, seed, work, args.grace, args.startup)
+        path, seconds = run_sweep(space, arm, seed, work, args.grace, args.startup, args.tpe_space)
         rows = curve(path)
         return {"path": str(path), "wall_s": round(seconds, 1), "trial_epochs": len(rows),
                 "best": max(r["objective"] for r in rows), "curve": rows}
@@ -194,7 +209,7 @@ def main() -> None:
         result["fraction_of_grid"] = None if needed is None else needed / result["grid"]["trial_epochs"]
         results.append(result)
         (out / f"search_efficiency{suffix}.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / f"search_efficiency{suffix}.png", args.grace, args.startup)
+    plot(results, out / f"search_efficiency{suffix}.png", args.grace, args.startup, args.tpe_space)
 
     print("\n| seed | grid best | grid trial-epochs | TPE+ASHA best | TPE+ASHA trial-epochs | "
           "TPE+ASHA trial-epochs to the grid's best | fraction |")
