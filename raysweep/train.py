@@ -10,7 +10,8 @@ The recipe, top to bottom:
 1. resolve model and data (the embedded default is built on first use), seed everything;
 2. load tokenizer + model (+ LoRA), build the forget/retain/IDK data loader;
 3. reference: NPO/DPO get the initial model's sequence log-probs once (a tensor, no second
-   model); KL gets a frozen copy of the initial model;
+   model); KL gets a frozen copy of the initial model (under LoRA: the model with its adapters
+   switched off, no copy);
 4. AdamW (weight decay 0.01), linear warm-up over the first epoch then linear decay, gradient
    accumulation so that per-device batch x accumulation x world size = effective batch;
    DeepSpeed ZeRO-3 (bf16 on GPU, gradient checkpointing, optional CPU offload) when configured;
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from raysweep.config import ExperimentConfig
 from raysweep.data.unlearn_dataset import UnlearnDataset, collate_unlearn
 from raysweep.losses import LossParams, collect_reference_logps, compute_loss, parse_method
-from raysweep.models import apply_lora, load_model, load_tokenizer
+from raysweep.models import AdapterDisabled, apply_lora, load_model, load_tokenizer
 from raysweep.scenarios import Resolved, RunData, load_run_data, resolve
 
 
@@ -320,6 +321,8 @@ def run_unlearning(
     ref_model = None
     if reference is not None and (method.needs_ref_model or method.needs_ref_logps):
         ref_model = _freeze(reference)
+    elif method.needs_ref_model and tr.lora.enabled:
+        pass  # the LoRA model with its adapters switched off, set once the adapters exist
     elif method.needs_ref_model and partitioned:
         # A partitioned model cannot be deep-copied (each parameter is an empty shell plus
         # DeepSpeed state): load the reference from the same weights, partitioned likewise.
@@ -335,6 +338,8 @@ def run_unlearning(
     if tr.lora.enabled:
         model = apply_lora(model, r=tr.lora.r, alpha=tr.lora.alpha, dropout=tr.lora.dropout,
                            target_modules=tr.lora.target_modules)
+        if method.needs_ref_model and ref_model is None:
+            ref_model = AdapterDisabled(model)  # the frozen base is the starting model
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # 4. optimisation -----------------------------------------------------------------------
@@ -358,7 +363,7 @@ def run_unlearning(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=trainable,
         )
-        if ref_model is not None:
+        if ref_model is not None and not isinstance(ref_model, AdapterDisabled):
             ref_config = {k: v for k, v in ds_config.items() if k != "gradient_accumulation_steps"}
             if tr.deepspeed.zero_stage != 3:
                 ref_config["zero_optimization"] = {"stage": 0}

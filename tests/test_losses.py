@@ -459,3 +459,33 @@ def test_me_code_and_kl_match_torch_kl_div():
     kl = torch.nn.functional.kl_div(logp, ref_logp, reduction="none", log_target=True)
     kl = kl.sum(-1).mean()
     assert L.kl_loss(logits, ref_logits).item() == pytest.approx(kl.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ME+KL", "GA+KL"])
+def test_lora_reference_with_adapters_off_equals_a_copy_of_the_base(tiny_model, name):
+    """KL under LoRA uses the model with its adapters switched off instead of a deep copy: the
+    same loss and gradients, no second model, and the trained model keeps its train mode."""
+    from raysweep.models import AdapterDisabled, apply_lora
+
+    base_copy = copy.deepcopy(tiny_model)
+    model = apply_lora(copy.deepcopy(tiny_model), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # move the adapters away from zero, as training would
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    model.train()
+    batch = _batch()
+    method = L.parse_method(name)
+    loss_copy, _ = L.compute_loss(method, model, batch, ref_model=base_copy)
+    loss_copy.backward()
+    grads_copy = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    loss_off, parts_off = L.compute_loss(method, model, batch, ref_model=AdapterDisabled(model))
+    loss_off.backward()
+    assert model.training  # borrowed for the reference pass, handed back in train mode
+    assert loss_off.item() == pytest.approx(loss_copy.item(), abs=1e-6)
+    assert parts_off["reg_loss"] > 1e-6  # the adapters moved the model: KL is not trivially 0
+    for a, b in zip(grads_copy, [p.grad for p in model.parameters() if p.requires_grad]):
+        assert torch.allclose(a, b, atol=1e-7)
+    with pytest.raises(TypeError, match="peft model"):
+        AdapterDisabled(tiny_model)

@@ -67,7 +67,7 @@ def test_every_method_runs_one_epoch_and_changes_weights(embedded, embedded_spec
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # the copy was fresh
 
 
-@pytest.mark.parametrize("method", ["ME+GD", "IDK+AP"])
+@pytest.mark.parametrize("method", ["ME+GD", "IDK+AP", "ME+KL"])  # ME+KL: reference = adapters off
 def test_lora_trains_only_adapters(embedded, embedded_specs, method):
     capture = Capture()
     cfg = experiment(embedded_specs, method=method, lr=5e-3)
@@ -78,6 +78,7 @@ def test_lora_trains_only_adapters(embedded, embedded_specs, method):
     samples = capture.reports[0].samples
     assert set(samples) == {"forget", "retain", "real_authors", "world_facts"}
     assert {"question", "ground_truth", "generation", "R", "P", "TR", "TE"} <= set(samples["forget"][0])
+    assert not any(key.startswith("_") for key in samples["forget"][0])  # internal values stay internal
 
 
 def test_lora_changes_only_adapter_weights(embedded, embedded_specs):
