@@ -15,11 +15,16 @@ import torch.multiprocessing as mp
 from test_train import experiment
 
 
-def _rank_main(rank: int, world: int, specs, cache: str, out: str, port: int) -> None:
+def _join(rank: int, world: int, cache: str, port: int) -> None:
+    """Become rank ``rank`` of a gloo group on this machine, one thread, the session's cache."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), RAYSWEEP_CACHE=cache)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _rank_main(rank: int, world: int, specs, cache: str, out: str, port: int) -> None:
+    _join(rank, world, cache, port)
     from raysweep.train import run_unlearning
 
     reports = []
@@ -57,10 +62,7 @@ def _evaluate_target(specs) -> tuple[dict, dict]:
 
 
 def _eval_rank(rank: int, world: int, specs, cache: str, out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), RAYSWEEP_CACHE=cache)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, cache, port)
     from raysweep.eval import evaluate as evaluate_module
 
     calls = []
