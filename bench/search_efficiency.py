@@ -1,7 +1,7 @@
 """Search efficiency: the paper's grid against TPE + ASHA, in trial-epochs, on the embedded default.
 
     python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1] [--startup N] [--tpe-space wide|grid-box]
-                                      [--space search_spaces/tiny.yaml]
+                                      [--reduction-factor 2] [--space search_spaces/tiny.yaml]
                                       [--out docs/bench] [--work DIR]
 
 For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
@@ -23,7 +23,7 @@ do not depend on a seed — runs once and is the reference for every TPE seed. E
 trial-epoch; the curves order all epochs of a sweep by the time Tune received them (two
 trials run at once). The figure of merit is the number of trial-epochs TPE + ASHA needs to
 reach the grid's best objective (of the same seed), as a fraction of the grid's 48 (target
-≤ 40 %). Writes ``search_efficiency_grace<G>_startup<S>.{json,png}`` under ``--out`` and prints
+≤ 40 %). Writes ``search_efficiency<suffix>.{json,png}`` (``TpeArm.suffix``) under ``--out`` and prints
 a Markdown table; finished sweeps in ``--work`` are reused when rerun.
 """
 
@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,33 @@ TPE_SPACES = {
 }
 
 
-def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None, tpe_space: str = "wide") -> list[str]:
+@dataclass(frozen=True)
+class TpeArm:
+    """The TPE + ASHA settings under test (the grid arm has none)."""
+
+    grace: int = 1  # ASHA grace period, epochs
+    startup: int | None = None  # TPE's random start-up trials (None: raysweep's default)
+    tpe_space: str = "wide"  # a TPE_SPACES key
+    reduction_factor: int = 2  # ASHA's
+
+    def suffix(self) -> str:
+        """Run-name suffix; the settings of earlier runs keep their earlier names."""
+        startup = self.startup
+        if startup is None:  # raysweep's default for this budget
+            from raysweep.config import SearchConfig
+
+            startup = SearchConfig(num_samples=len(GRID_LRS) * len(GRID_EPOCHS) * 2).startup_trials()
+        return (f"_grace{self.grace}_startup{startup}"
+                + ("" if self.tpe_space == "wide" else "_" + self.tpe_space.replace("-", ""))
+                + ("" if self.reduction_factor == 2 else f"_rf{self.reduction_factor}"))
+
+    def label(self) -> str:
+        startup = "default" if self.startup is None else self.startup
+        return (f"TPE ({startup} start-up, {self.tpe_space}) + ASHA (grace {self.grace}, "
+                f"rf {self.reduction_factor})")
+
+
+def sweep_args(arm: str, seed: int, tpe: TpeArm = TpeArm()) -> list[str]:
     common = [
         f"search.methods={METHODS}",
         "search.overrides={ME+GD: {forget_coeff: 0.1}}",
@@ -74,34 +101,24 @@ def sweep_args(arm: str, seed: int, grace: int = 1, startup: int | None = None, 
     else:
         specific = [
             "search.algorithm=optuna",
-            f"search.space={{{TPE_SPACES[tpe_space]}, {FIXED}}}",
-            f"search.scheduler={{type: asha, grace_period: {grace}, reduction_factor: 2}}",
+            f"search.space={{{TPE_SPACES[tpe.tpe_space]}, {FIXED}}}",
+            f"search.scheduler={{type: asha, grace_period: {tpe.grace}, reduction_factor: {tpe.reduction_factor}}}",
             f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
         ]
-        if startup is not None:
-            specific.append(f"search.tpe_startup_trials={startup}")
+        if tpe.startup is not None:
+            specific.append(f"search.tpe_startup_trials={tpe.startup}")
     return [part for item in common + specific for part in ("--set", item)]
 
 
-def variant(grace: int, startup: int | None, tpe_space: str = "wide") -> str:
-    """Name suffix of a TPE + ASHA variant: ASHA grace period, TPE start-up trials, TPE space."""
-    if startup is None:  # raysweep's default for this budget
-        from raysweep.config import SearchConfig
-
-        startup = SearchConfig(num_samples=len(GRID_LRS) * len(GRID_EPOCHS) * 2).startup_trials()
-    return f"_grace{grace}_startup{startup}" + ("" if tpe_space == "wide" else "_" + tpe_space.replace("-", ""))
-
-
-def run_sweep(space: str, arm: str, seed: int, work: Path, grace: int = 1,
-              startup: int | None = None, tpe_space: str = "wide") -> tuple[Path, float]:
-    name = "grid" if arm == "grid" else f"{arm}-seed{seed}" + variant(grace, startup, tpe_space)
+def run_sweep(space: str, arm: str, seed: int, work: Path, tpe: TpeArm = TpeArm()) -> tuple[Path, float]:
+    name = "grid" if arm == "grid" else f"{arm}-seed{seed}" + tpe.suffix()
     path = work / "results" / name
     log = work / f"{name}.log"
     if (path / "trials.json").is_file():
         print(f"[bench] {name}: reusing {path}", flush=True)
         return path, float("nan")
     cmd = [sys.executable, "-m", "raysweep.tune", "--space", space, "--storage", str(work / "results"),
-           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed, grace, startup, tpe_space)]
+           "--name", name, "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", *sweep_args(arm, seed, tpe)]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -143,7 +160,7 @@ def epochs_to_reach(rows: list[dict], target: float) -> int | None:
     return next((r["trial_epochs"] for r in rows if r["best"] >= target), None)
 
 
-def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = None, tpe_space: str = "wide") -> None:
+def plot(results: list[dict], out: Path, tpe: TpeArm) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +173,7 @@ def plot(results: list[dict], out: Path, grace: int = 1, startup: int | None = N
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
         rows = result["tpe_asha"]["curve"]
         ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color=color,
-                alpha=0.85, label=f"TPE ({'default' if startup is None else startup} start-up, {tpe_space}) + ASHA (grace {grace}), seed {result['seed']}")
+                alpha=0.85, label=f"{tpe.label()}, seed {result['seed']}")
     grid_total = max(r["grid"]["trial_epochs"] for r in results)
     ax.axvline(TARGET * grid_total, color="tab:red", linestyle="--", label=f"{TARGET:.0%} of the grid's trial-epochs")
     ax.set_xlabel("cumulative trial-epochs")
@@ -179,6 +196,7 @@ def main() -> None:
     parser.add_argument("--tpe-space", choices=sorted(TPE_SPACES), default="wide",
                         help="wide: tiny.yaml's ranges (epochs sampled); grid-box: the grid's lr span, "
                              "epochs fixed at its longest and cut by ASHA")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA's reduction factor")
     parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
     args = parser.parse_args()
     work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
@@ -192,10 +210,11 @@ def main() -> None:
     from raysweep.scenarios import ensure_embedded_for
 
     ensure_embedded_for(load_config(space).experiment)
-    suffix = variant(args.grace, args.startup, args.tpe_space)
+    tpe = TpeArm(args.grace, args.startup, args.tpe_space, args.reduction_factor)
+    suffix = tpe.suffix()
 
     def arm_result(arm: str, seed: int) -> dict:
-        path, seconds = run_sweep(space, arm, seed, work, args.grace, args.startup, args.tpe_space)
+        path, seconds = run_sweep(space, arm, seed, work, tpe)
         rows = curve(path)
         return {"path": str(path), "wall_s": round(seconds, 1), "trial_epochs": len(rows),
                 "best": max(r["objective"] for r in rows), "curve": rows}
@@ -209,7 +228,7 @@ def main() -> None:
         result["fraction_of_grid"] = None if needed is None else needed / result["grid"]["trial_epochs"]
         results.append(result)
         (out / f"search_efficiency{suffix}.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / f"search_efficiency{suffix}.png", args.grace, args.startup, args.tpe_space)
+    plot(results, out / f"search_efficiency{suffix}.png", tpe)
 
     print("\n| seed | grid best | grid trial-epochs | TPE+ASHA best | TPE+ASHA trial-epochs | "
           "TPE+ASHA trial-epochs to the grid's best | fraction |")
