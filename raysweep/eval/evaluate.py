@@ -255,10 +255,9 @@ class Evaluator:
             rows.append(row)
         return rows
 
-    def _sharded(self, eval_set: EvalSet, compute) -> list[dict]:
-        """``compute(records)`` over the whole set: on this rank's share when data-parallel,
-        gathered so that every rank returns every question's values, in order."""
-        records = eval_set.records
+    def _sharded(self, records: list[QARecord], compute) -> list[dict]:
+        """``compute(records)``: on this rank's share when data-parallel, gathered so that every
+        rank returns every question's values, in order."""
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
         if world == 1 or len(records) < world:
             return compute(records)
@@ -277,7 +276,7 @@ class Evaluator:
         records = eval_set.records
         if not records:
             raise ValueError(f"evaluation set {eval_set.name!r} is empty")
-        rows = self._sharded(eval_set, lambda recs: self._question_values(model, tokenizer, eval_set, recs))
+        rows = self._sharded(records, lambda recs: self._question_values(model, tokenizer, eval_set, recs))
         like = {
             "probabilities": [row["P"] for row in rows],
             "truth_ratios": [row["TR"] for row in rows],
