@@ -140,7 +140,8 @@ def run_variant(name: str, method: str, extra: list[str], args, st: str, nli: st
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=args.variant_timeout)
             rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as err:
-            rc, stdout, stderr = 124, (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), "timeout"
+            partial = err.stdout or b""  # bytes even with text=True
+            rc, stdout, stderr = 124, partial.decode() if isinstance(partial, bytes) else partial, "timeout"
     wall = time.perf_counter() - started
     epochs = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     problems = []
@@ -188,7 +189,7 @@ def throughput(args) -> dict:
     gpu = torch.cuda.is_available() and not args.cpu_smoke
     if gpu:
         torch.cuda.set_device(0)
-    per_device, accum = 4, 8 // 4 if args.cpu_smoke else 32 // 4
+    per_device, accum = 4, (2 if args.cpu_smoke else 8)  # effective batch 8 (smoke) or 32
     cfg = ExperimentConfig.model_validate({
         "training": {"method": "NPO+GD", "per_device_batch_size": per_device, "effective_batch_size": per_device * accum,
                      "deepspeed": {"zero_stage": 3, "offload_optimizer": "none", "gradient_checkpointing": True}}})
