@@ -42,7 +42,7 @@ class ConfigError(Exception):
 
     def one_line(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"error: {where}: {self.message}".replace("\n", " ")
+        return " ".join(f"error: {where}: {self.message}".splitlines())  # \n, \r, \x0b, ...
 
 
 class Strict(BaseModel):
@@ -399,6 +399,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str | Path 
             raise ConfigError(file, item, "--set expects KEY=VALUE")
         key, _, text = item.partition("=")
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(file, key.strip(), "--set has an empty key part")
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -406,10 +408,71 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str | Path 
                 raise ConfigError(file, ".".join(parts[: depth + 1]), "is not a section, cannot --set below it")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            node[parts[-1]] = text
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+            value = text  # not a YAML scalar (e.g. "2001-13-45"): the plain string
+        node[parts[-1]] = _check_structure(value, file, key.strip())
     return raw
+
+
+# A YAML alias repeats a node by reference: a recursive one makes a cycle, nested ones can
+# expand exponentially ("billion laughs"). Past this many nodes a config is not a config.
+MAX_NODES = 100_000
+
+
+def _check_structure(value: Any, file: str | Path | None, where: str = "") -> Any:
+    """Reject cycles (recursive aliases) and alias bombs in a parsed YAML value, naming the key."""
+    count = 0
+    stack: list[tuple[Any, str, frozenset[int]]] = [(value, where, frozenset())]
+    while stack:
+        node, key, ancestors = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(file, where, f"expands to more than {MAX_NODES} values (nested YAML aliases?)")
+        if isinstance(node, dict):
+            children = [(f"{key}.{k}" if key else str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            children = [(f"{key}[{i}]", v) for i, v in enumerate(node)]
+        else:
+            continue
+        if id(node) in ancestors:
+            raise ConfigError(file, key, "refers to itself (a recursive YAML alias)")
+        inner = ancestors | {id(node)}
+        stack.extend((child, child_key, inner) for child_key, child in children)
+    return value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML document of ``path``; :class:`ConfigError` for anything that is not a
+    readable, UTF-8, well-formed, non-empty, finite YAML mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(path, "", "is a directory, expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(path, "", "file does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(path, "", f"cannot be read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, "", f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(path, where, f"not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. a timestamp like 2001-13-45
+        raise ConfigError(path, "", f"not valid YAML ({err})") from None
+    except RecursionError:
+        raise ConfigError(path, "", "not valid YAML (nested too deeply)") from None
+    if raw is None:
+        raise ConfigError(path, "", "file is empty (a sweep file needs at least an experiment or search section)")
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", "top level must be a mapping of experiment/search/tracking")
+    return _check_structure(raw, path)
 
 
 def _error_from_validation(file: str | Path | None, err: ValidationError) -> ConfigError:
@@ -444,19 +507,7 @@ def parse_config(raw: Any, file: str | Path | None = None) -> SweepConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override and validate a sweep YAML; raise :class:`ConfigError` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(path, "", "file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(path, where, f"not valid YAML ({getattr(err, 'problem', err)})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(path, "", "top level must be a mapping of experiment/search/tracking")
+    raw = read_yaml(path)
     apply_overrides(raw, overrides or [], path)
     return parse_config(raw, path)
 
