@@ -344,6 +344,7 @@ def run_unlearning(
         beta=tr.beta,
         me_divergence=tr.me_divergence,
         me_mask_question=tr.me_mask_question,
+        protocol=cfg.protocol,
     )
 
     # 1-2. model, tokenizer, data ------------------------------------------------------------
@@ -369,11 +370,16 @@ def run_unlearning(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
 
+    seed = cfg.protocol == "seed"
     dataset = UnlearnDataset(
         data.forget, data.retain, data.idk_templates, tokenizer,
-        cfg.model.prompt_template, cfg.data.max_length, tr.seed,
+        cfg.model.prompt_template, cfg.data.max_length, tr.seed, pairing=cfg.protocol,
     )
-    collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
+    if seed:  # the seed pads every sample to max_length with EOS (unattended); see FIDELITY.md
+        collate = lambda items: collate_unlearn(  # noqa: E731
+            items, tokenizer.eos_token_id, length=cfg.data.max_length, seed_layout=True)
+    else:
+        collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
     sampler = (
         DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=tr.seed)
         if world.size > 1
