@@ -215,7 +215,12 @@ def _evaluated_questions(cfg: ExperimentConfig, load) -> dict[str, set[str]]:
     """Questions of every set a continual run evaluates on (all steps), and of the forget split."""
     names = [f"{cfg.data.forget_split}_perturbed", "retain_perturbed", "real_authors_perturbed",
              "world_facts_perturbed", cfg.data.forget_split]
-    return {name: {r.question for r in load(name)} for name in names}
+    evaluated = {name: {r.question for r in load(name)} for name in names}
+    try:  # the membership-inference attacks score forget against holdout, where there is one
+        evaluated["holdout"] = {r.question for r in load("holdout")}
+    except Exception:  # noqa: BLE001 - optional: a missing split (file or hub config) is no holdout
+        pass
+    return evaluated
 
 
 def check_supplement(records: list[QARecord], evaluated: dict[str, set[str]], where: str, key: str) -> None:

@@ -150,3 +150,13 @@ def test_cli_overlap_exits_2_before_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "experiment.continual.supplement_split" in lines[0]
+
+
+def test_holdout_of_the_privacy_attacks_is_evaluation_data_too(capsys):
+    cfg = ExperimentConfig.model_validate({
+        "scenario": "continual", "data": {"task_ids": None},
+        "continual": {"retain_min_size": 5000, "supplement_split": "holdout"},
+    })
+    with pytest.raises(SystemExit):
+        preflight_data(cfg)
+    assert "'holdout'" in capsys.readouterr().err
