@@ -184,17 +184,50 @@ class ContinualConfig(Strict):
     objective: Literal["mean", "final"] = "mean"  # over steps of (MU + FE) / 2
     steps: int | None = Field(default=None, ge=1)  # first N subtasks; None = all
     retain_min_size: int | None = Field(default=None, ge=1)  # top the retain set up to this size
-    supplement_split: str = "world_facts_perturbed"  # unrelated general QA used to top it up
+    # What tops it up: general QA that is in no evaluation set (paper Fig. 7b uses Alpaca).
+    # supplement_split: a split of the data source (seed layout dir or hub); supplement_path: a
+    # local JSON / JSON Lines file of {question, answer} or Alpaca {instruction, input, output}
+    # records.  Neither (default): the embedded default's own general-QA set (synthetic source);
+    # other sources must name one.  Any supplement question found in an evaluation set: exit 2.
+    supplement_split: str | None = None
+    supplement_path: Path | None = None
+
+    @field_validator("supplement_path")
+    @classmethod
+    def _supplement_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _one_supplement(self) -> "ContinualConfig":
+        if self.supplement_split is not None and self.supplement_path is not None:
+            raise _KeyedError("supplement_path", "give supplement_split or supplement_path, not both")
+        return self
+
+
+PROTOCOLS = ("raysweep", "seed")
 
 
 class ExperimentConfig(Strict):
     name: str = "raysweep"
+    # seed: step counts, ME/KL reductions, padding, rejection-template pairing and evaluation
+    # set sizes exactly as the paper's code (sail-sg/closer-look-LLM-unlearning@b622294);
+    # raysweep: this project's choices (docs/FIDELITY.md says where and why they differ)
+    protocol: Literal["raysweep", "seed"] = "raysweep"
     scenario: Literal["fictitious", "continual", "real_world"] = "fictitious"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @model_validator(mode="after")
+    def _seed_protocol(self) -> "ExperimentConfig":
+        if self.protocol == "seed" and self.training.me_divergence != "code":
+            raise _KeyedError("training.me_divergence",
+                              "protocol seed uses the seed code's ME divergence KL(U||P): set 'code'")
+        return self
 
 
 # ----------------------------------------------------------------------------- search

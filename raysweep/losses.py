@@ -37,6 +37,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 ME_DIVERGENCES = ("code", "paper")
+PROTOCOLS = ("raysweep", "seed")
 # Reference log-prob keys: batch part -> name in the ``ref_logps`` dict.
 REF_LOGP_NAMES = {"forget": "forget_nll", "forget_idk": "forget_idk_nll"}
 
@@ -186,6 +187,30 @@ def me_loss(
     return _masked_mean(per_position, mask)
 
 
+SEED_ME_EPS = 1e-12  # trainer/losses.py:185 of the seed code: log(softmax + 1e-12)
+
+
+def me_loss_seed(logits: Tensor, labels: Tensor) -> Tensor:
+    """Maximizing Entropy, Eq. (6), exactly as the seed code computes it (``get_me_loss``,
+    ``trainer/losses.py:171-189``)::
+
+        L_ME = sum_{b,t} m_{b,t} KL(U_K || P_{b,t}) / sum_{b,t} m_{b,t}
+        KL(U_K || P) = sum_k (1/K) (log(1/K) - log(P_k + 1e-12)),   P_{b,t} = softmax(logits[b, t])
+        m_{b,t} = [labels[b, t + 1] != -100],   t = 0 .. T-2
+
+    With the seed's ``mask: false`` (its ME+GD setting) ``labels`` are the input ids padded to
+    ``max_length`` (``dataset/data_module.py:51-52``), so every position of the padded sequence
+    counts, padding included: pass ``input_ids``.  With ``mask: true`` pass the answer labels.
+    The ε inside the log (not ``log_softmax``) is the seed's.
+    """
+    num_classes = logits.shape[-1]
+    probs = F.softmax(logits[:, :-1, :].float(), dim=-1)
+    log_p = (probs + SEED_ME_EPS).log()
+    per_position = ((1.0 / num_classes) * (math.log(1.0 / num_classes) - log_p)).sum(dim=-1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return (per_position * mask).sum() / mask.sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Regularizers (pure)
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +239,21 @@ def kl_loss(logits: Tensor, ref_logits: Tensor, attention_mask: Tensor | None = 
     per_position = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
     mask = _prediction_mask(attention_mask, logits.shape[:2]).to(logits.device)
     return _masked_mean(per_position, mask)
+
+
+def kl_loss_seed(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """KL regularizer, Eq. (5), exactly as the seed code computes it (``kl_loss``,
+    ``trainer/losses.py:114-128``: ``kl_div(log p_theta, log p_ref, reduction='batchmean',
+    log_target=True)`` on logits flattened to ``[B*T, K]``)::
+
+        L_KL = (1 / (B*T)) sum_{b,t} sum_k P_ref,k (log P_ref,k - log P_theta,k)
+
+    over every position ``t = 0 .. T-1`` of the batch (no causal shift; padding to
+    ``max_length`` included), ``P = softmax(logits[b, t])``.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1).flatten(0, 1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum() / logp.shape[0]
 
 
 def ap_loss(nll_idk: Tensor, nll_answer: Tensor, beta: float) -> Tensor:
@@ -248,6 +288,8 @@ class LossParams:
 
     ``beta``: NPO/DPO/AP inverse temperature.  ``me_divergence``: "code" (``KL(U||P)``, seed code)
     or "paper" (``KL(P||U)``).  ``me_mask_question``: ME over answer positions only.
+    ``protocol``: "raysweep" (``me_loss`` / ``kl_loss`` over real tokens) or "seed"
+    (``me_loss_seed`` / ``kl_loss_seed``: the seed code's reductions, padding included).
     """
 
     forget_coeff: float = 1.0
@@ -255,8 +297,11 @@ class LossParams:
     beta: float = 0.1
     me_divergence: str = "code"
     me_mask_question: bool = False
+    protocol: str = "raysweep"  # "seed": ME and KL reduced as the seed code does
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.me_divergence not in ME_DIVERGENCES:
@@ -396,6 +441,23 @@ def collect_reference_logps(
     return out
 
 
+def me_term(step: StepForward) -> Tensor:
+    """The ME forget term of a step under ``step.params.protocol`` (see ``me_loss`` and
+    ``me_loss_seed``; the seed's ``mask: false`` counts every position: ``input_ids`` as labels)."""
+    p, part = step.params, step.part("forget")
+    if p.protocol == "seed":
+        return me_loss_seed(step.logits("forget"), part["labels"] if p.me_mask_question else part["input_ids"])
+    return me_loss(step.logits("forget"), part["attention_mask"], part["labels"],
+                   mask_question=p.me_mask_question, divergence=p.me_divergence)
+
+
+def kl_term(step: StepForward) -> Tensor:
+    """The KL regularizer of a step under ``step.params.protocol`` (``kl_loss`` / ``kl_loss_seed``)."""
+    if step.params.protocol == "seed":
+        return kl_loss_seed(step.logits("retain"), step.ref_logits("retain"))
+    return kl_loss(step.logits("retain"), step.ref_logits("retain"), step.attention_mask("retain"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Registries
 # ---------------------------------------------------------------------------------------------
@@ -453,13 +515,7 @@ FORGET_LOSSES: dict[str, LossSpec] = {
     "ME": LossSpec(
         "ME",
         me_loss,
-        lambda s: me_loss(
-            s.logits("forget"),
-            s.attention_mask("forget"),
-            s.labels("forget"),
-            mask_question=s.params.me_mask_question,
-            divergence=s.params.me_divergence,
-        ),
+        me_term,
         ("forget",),
     ),
 }
@@ -471,7 +527,7 @@ REGULARIZERS: dict[str, LossSpec] = {
     "KL": LossSpec(
         "KL",
         kl_loss,
-        lambda s: kl_loss(s.logits("retain"), s.ref_logits("retain"), s.attention_mask("retain")),
+        kl_term,
         ("retain",),
         needs_ref_model=True,
     ),

@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Literal
 
 from raysweep.config import EMBEDDED, EMBEDDED_RETAIN, ExperimentConfig
-from raysweep.data.loaders import DataError, load_hub_split, load_local_split
+from raysweep.data.loaders import DataError, load_hub_split, load_local_split, load_qa_file
 from raysweep.data.records import QARecord
-from raysweep.data.templates import load_idk_templates
+from raysweep.data.templates import load_idk_templates, load_seed_idk_lines
+
+# The seed code's evaluation sizes: ``ds_size: 300`` of every TOFU set (config/tofu.yaml:44,
+# applied as ``select(range(min(ds_size, len)))`` in eval.py:126-132), every real-world question
+# (config/real_world.yaml:43, ``ds_size: null``).
+SEED_TOFU_EVAL_SIZE = 300
+SEED_IDK_FILE = "data/idontknow.jsonl"  # path of the rejection templates in the seed repository
 
 # How a set is scored (paper Appendix D): TOFU's fictitious QA, TOFU's general-knowledge sets
 # (short answer + options, sentence-long ``original_answer``) or real-world people.
@@ -132,36 +138,145 @@ def continual_tasks(cfg: ExperimentConfig, resolved: Resolved) -> list[int]:
 def load_step_data(cfg: ExperimentConfig, resolved: Resolved, tasks: list[int], step: int) -> RunData:
     """Step ``step`` (0-based) of a continual run: forget task ``tasks[step]``.
 
-    The retain set is the base retain split (without any forget task) plus every forget task not
-    yet unlearned, so it shrinks step by step; ``continual.retain_min_size`` tops it up with
-    unrelated general QA (paper Fig. 7b) when it gets smaller than that.
+    The retain set is the base retain split (without any forget question) plus every forget
+    record whose task is not yet unlearned, ``tasks[:step + 1]`` excluded, as in the seed code
+    (``forget.py:44-47``: retain = retainXX + every task not yet unlearned): tasks that are never
+    scheduled (``continual.steps`` < all tasks, or left out of ``data.task_ids``) stay in it.  It
+    shrinks step by step; ``continual.retain_min_size`` tops it up from the supplement
+    (:func:`load_supplement`: general QA that is in no evaluation set, paper Fig. 7b) when it gets
+    smaller than that.
     """
     load = _split_loader(resolved)
     base = load_run_data(cfg, resolved, task_ids=[tasks[step]])
     all_forget = load(cfg.data.forget_split)
     every_forget_question = {r.question for r in all_forget}
-    later = set(tasks[step + 1 :])
+    unlearned = set(tasks[: step + 1])
     retain = [r for r in load(cfg.data.retain_split) if r.question not in every_forget_question]
-    retain += [r for r in all_forget if r.task_id in later]
+    retain += [r for r in all_forget if r.task_id not in unlearned]
     minimum = cfg.continual.retain_min_size
     if minimum is not None and len(retain) < minimum:
-        extra = [
-            QARecord(question=r.question, answer=r.original_answer or r.answer)
-            for r in load(cfg.continual.supplement_split)
-        ]
-        if not extra:
-            raise ValueError(f"continual.supplement_split {cfg.continual.supplement_split!r} is empty")
+        extra = load_supplement(cfg, resolved)
         retain += [extra[i % len(extra)] for i in range(minimum - len(retain))]
     base.retain = retain
     return base
 
 
+class SupplementError(DataError):
+    """The continual supplement is missing, empty, or shares questions with evaluation data."""
+
+
+def _supplement_key(cfg: ExperimentConfig) -> str:
+    if cfg.continual.supplement_path is not None:
+        return "experiment.continual.supplement_path"
+    return "experiment.continual.supplement_split"
+
+
+def load_supplement(cfg: ExperimentConfig, resolved: Resolved, load=None) -> list[QARecord]:
+    """The general QA that tops up a continual retain set, checked against evaluation data.
+
+    ``continual.supplement_path`` (a local file, :func:`raysweep.data.loaders.load_qa_file`),
+    else ``continual.supplement_split`` (a split of the data source), else, on the synthetic
+    source, the embedded default's own general-QA set (``synthetic.general_supplement``).
+    Raises :class:`SupplementError` (key ``experiment.continual.supplement_*``) when none is
+    given on another source, when it is empty, or when any of its questions is in an evaluation
+    set (or in the forget split): the model would be trained on what it is then scored on.
+    """
+    load = load or _split_loader(resolved)
+    c, key = cfg.continual, _supplement_key(cfg)
+    if c.supplement_path is not None:
+        where = str(c.supplement_path)
+        records = load_qa_file(c.supplement_path)
+    elif c.supplement_split is not None:
+        where = _split_name(resolved, c.supplement_split)
+        records = [QARecord(question=r.question, answer=r.original_answer or r.answer)
+                   for r in load(c.supplement_split)]
+    elif cfg.data.source == "synthetic":
+        from raysweep.data.synthetic import general_supplement
+
+        where = "embedded general-QA supplement"
+        records = general_supplement(cfg.data.synthetic)
+    else:
+        raise SupplementError(
+            "experiment.continual", key,
+            "continual.retain_min_size needs general QA that is in no evaluation set: set "
+            "supplement_path (a local JSON/JSONL file, e.g. Alpaca) or supplement_split",
+        )
+    if not records:
+        raise SupplementError(where, key, "the supplement holds no record")
+    check_supplement(records, _evaluated_questions(cfg, load), where, key)
+    return records
+
+
+def _split_name(resolved: Resolved, split: str) -> str:
+    return str(resolved.data_dir / f"{split}.json") if resolved.data_dir is not None else f"hub:{split}"
+
+
+def _evaluated_questions(cfg: ExperimentConfig, load) -> dict[str, set[str]]:
+    """Questions of every set a continual run evaluates on (all steps), and of the forget split."""
+    names = [f"{cfg.data.forget_split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+             "world_facts_perturbed", cfg.data.forget_split]
+    evaluated = {name: {r.question for r in load(name)} for name in names}
+    try:  # the membership-inference attacks score forget against holdout, where there is one
+        evaluated["holdout"] = {r.question for r in load("holdout")}
+    except Exception:  # noqa: BLE001 - optional: a missing split (file or hub config) is no holdout
+        pass
+    return evaluated
+
+
+def check_supplement(records: list[QARecord], evaluated: dict[str, set[str]], where: str, key: str) -> None:
+    """Raise :class:`SupplementError` naming every evaluated set any supplement question is in."""
+    questions = {r.question for r in records}
+    hits = {name: questions & asked for name, asked in evaluated.items() if questions & asked}
+    if hits:
+        shared = set().union(*hits.values())
+        raise SupplementError(
+            where, key,
+            f"{len(shared)} supplement question(s) are in the evaluation set(s) "
+            f"{', '.join(repr(n) for n in hits)} (e.g. {sorted(shared)[0]!r}); the retain top-up "
+            "must be data the run is not scored on",
+        )
+
+
+def eval_caps(cfg: ExperimentConfig) -> tuple[int | None, int | None]:
+    """How many records of (the forget set, every other set) are evaluated: the first ones.
+
+    ``raysweep``: ``eval.max_forget_samples`` / ``eval.max_samples``.  ``seed``: the seed code's
+    ``ds_size`` — 300 of every TOFU set, all of the real-world sets — whatever ``eval`` says.
+    """
+    if cfg.protocol != "seed":
+        return cfg.eval.max_forget_samples, cfg.eval.max_samples
+    if cfg.scenario == "real_world":
+        return None, None
+    return SEED_TOFU_EVAL_SIZE, SEED_TOFU_EVAL_SIZE
+
+
+def idk_templates_for(cfg: ExperimentConfig) -> list[str]:
+    """Rejection templates of a run.
+
+    ``raysweep``: ``data.idk_path`` or the project's own ``UNLEARN_TEMPLATES``.  ``seed``: the
+    seed code's ``data/idontknow.jsonl`` lines as it reads them (``dataset/data_module.py:96-98``
+    and ``:126``), from ``data.idk_path`` when set, else downloaded at the pinned commit and
+    checked (``raysweep.data.fetch.seed_file``; offline: exit 2 naming the file).
+    """
+    if cfg.protocol != "seed" or cfg.data.idk_path is None and cfg.data.source == "synthetic":
+        # the embedded default keeps its own templates under both protocols: its target model
+        # learned PRIOR_TEMPLATES as its rejection prior, disjoint from these (templates.py)
+        return load_idk_templates(cfg.data.idk_path)
+    path = cfg.data.idk_path
+    if path is None:
+        from raysweep.data.fetch import seed_file  # lazy: only the seed protocol downloads
+
+        path = seed_file(SEED_IDK_FILE)
+    return load_seed_idk_lines(path)
+
+
 def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int] | None = None) -> RunData:
     """Training and evaluation records of one run (``task_ids`` overrides ``data.task_ids``)."""
     load = _split_loader(resolved)
-    data, ev = cfg.data, cfg.eval
+    data = cfg.data
     task_ids = task_ids if task_ids is not None else data.task_ids
-    idk = load_idk_templates(data.idk_path)
+    idk = idk_templates_for(cfg)
+    forget_cap, other_cap = eval_caps(cfg)
 
     if cfg.scenario == "real_world":
         forget = _first_people(load(data.forget_split, task_ids), data.select.forget_people)
@@ -170,8 +285,8 @@ def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int]
         forget_eval = [r for r in load(f"{data.forget_split}_perturbed") if r.name in forget_names]
         neighbor_eval = _first_people(load(f"{data.retain_split}_perturbed"), data.select.neighbor_people)
         eval_sets = {
-            "forget": EvalSet("forget", _cap(forget_eval, ev.max_forget_samples), True, "real_world"),
-            "neighbor": EvalSet("neighbor", _cap(neighbor_eval, ev.max_samples), False, "real_world"),
+            "forget": EvalSet("forget", _cap(forget_eval, forget_cap), True, "real_world"),
+            "neighbor": EvalSet("neighbor", _cap(neighbor_eval, other_cap), False, "real_world"),
         }
         return RunData(forget, retain, idk, eval_sets)
 
@@ -179,13 +294,13 @@ def load_run_data(cfg: ExperimentConfig, resolved: Resolved, task_ids: list[int]
     retain = load(data.retain_split)
     forget_eval = load(f"{data.forget_split}_perturbed", task_ids)
     eval_sets = {
-        "forget": EvalSet("forget", _cap(forget_eval, ev.max_forget_samples), True, "tofu"),
-        "retain": EvalSet("retain", _cap(load("retain_perturbed"), ev.max_samples), False, "tofu"),
+        "forget": EvalSet("forget", _cap(forget_eval, forget_cap), True, "tofu"),
+        "retain": EvalSet("retain", _cap(load("retain_perturbed"), other_cap), False, "tofu"),
         "real_authors": EvalSet(
-            "real_authors", _cap(load("real_authors_perturbed"), ev.max_samples), False, "general"
+            "real_authors", _cap(load("real_authors_perturbed"), other_cap), False, "general"
         ),
         "world_facts": EvalSet(
-            "world_facts", _cap(load("world_facts_perturbed"), ev.max_samples), False, "general"
+            "world_facts", _cap(load("world_facts_perturbed"), other_cap), False, "general"
         ),
     }
     return RunData(forget, retain, idk, eval_sets)
@@ -222,11 +337,41 @@ def preflight_data(cfg: ExperimentConfig) -> None:
     """Read and check local data files before anything heavy starts (exit 2 on bad content).
 
     Only ``source: local`` is read here: synthetic data is generated correct by construction
-    and hub data would need a download.
+    and hub data would need a download.  Two checks run on every source: under ``protocol:
+    seed`` the seed's rejection templates are fetched now (cached; offline: exit 2 naming the
+    file), and a continual run's retain supplement is checked against the evaluation sets
+    (synthetic data: generated in memory, ~1 s).
     """
+    from raysweep.config import fail
+
+    if cfg.protocol == "seed":
+        try:
+            idk_templates_for(cfg)
+        except DataError as err:
+            fail(err.path, "experiment.data.idk_path", err.message)
+    if cfg.scenario == "continual" and cfg.continual.retain_min_size is not None and cfg.data.source != "hub":
+        if cfg.data.source == "synthetic":
+            from raysweep.data.synthetic import generate
+
+            splits = generate(cfg.data.synthetic).splits
+
+            def load(split, task_ids=None):
+                if split not in splits:
+                    raise DataError(f"synthetic:{split}", None, f"split '{split}' not found")
+                return [r for r in splits[split] if task_ids is None or r.task_id in task_ids]
+
+            resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path("synthetic"))
+        else:
+            resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
+            load = None
+        try:
+            load_supplement(cfg, resolved, load)
+        except DataError as err:
+            where = err.path if err.line is None else f"{err.path}:{err.line}"
+            key = err.key if isinstance(err, SupplementError) else _supplement_key(cfg)
+            fail(where, key or "", err.message)
     if cfg.data.source != "local":
         return
-    from raysweep.config import fail
 
     resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
     try:

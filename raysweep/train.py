@@ -13,7 +13,8 @@ The recipe, top to bottom:
    model); KL gets a frozen copy of the initial model (under LoRA: the model with its adapters
    switched off, no copy);
 4. AdamW (weight decay 0.01), linear warm-up over the first epoch then linear decay, gradient
-   accumulation so that per-device batch x accumulation x world size = effective batch;
+   accumulation so that per-device batch x accumulation x world size = effective batch; the
+   optimizer steps and the schedule's length come from one :class:`StepPlan` (``protocol``);
    DeepSpeed ZeRO-3 (bf16 on GPU, gradient checkpointing, optional CPU offload) when configured;
 5. every epoch: train, evaluate, hand ``EpochReport`` to the reporter (every rank calls it);
 6. optional checkpoint of the final or best epoch.
@@ -144,6 +145,79 @@ def warmup_then_linear_decay(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def seed_linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """The seed's schedule: Hugging Face ``get_linear_schedule_with_warmup`` (the Trainer's
+    default), ``lr_t = lr * t / w`` for ``t < w``, else ``lr * max(0, (T - t) / max(1, T - w))``;
+    step 0 has lr 0 when there is a warm-up."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """When the optimizer steps in a run, how many times, and the warm-up of its lr schedule.
+
+    ``raysweep``: every epoch steps after each ``accumulation`` batches and once more on the
+    epoch's last, partial accumulation, ``ceil(batches / accumulation)`` steps an epoch, under
+    plain torch, DDP and DeepSpeed alike (DeepSpeed's boundary is set explicitly; left to itself
+    it steps only every ``accumulation`` micro-batches of the whole run, fewer steps than the
+    schedule was sized for, and its lr would end far above 0).  Warm-up:
+    ``round(warmup_epochs x steps per epoch)``.
+
+    ``seed`` (``forget.py:118-125``): ``total = floor(epochs x N / (batch x accumulation x
+    devices))``, warm-up = ``floor(N / (batch x accumulation x devices))`` or 0 when that is
+    <= 1; the optimizer steps after every ``accumulation`` micro-batches counted over the whole
+    run (epoch ends do not flush) and micro-batches after the ``total``-th step are not run.
+    """
+
+    protocol: str
+    batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+    warmup_steps: int
+
+    def _micro(self, epoch: int, i: int) -> int:
+        return (epoch - 1) * self.batches_per_epoch + i
+
+    def runs(self, epoch: int, i: int) -> bool:
+        """Whether batch ``i`` (0-based) of ``epoch`` (1-based) is trained on at all."""
+        return self.protocol != "seed" or self._micro(epoch, i) < self.total_steps * self.accumulation
+
+    def boundary(self, epoch: int, i: int) -> bool:
+        """Whether the optimizer steps after batch ``i`` of ``epoch``."""
+        if self.protocol == "seed":
+            return (self._micro(epoch, i) + 1) % self.accumulation == 0
+        return (i + 1) % self.accumulation == 0 or i + 1 == self.batches_per_epoch
+
+    def scheduler(self, optimizer):
+        make = seed_linear_schedule if self.protocol == "seed" else warmup_then_linear_decay
+        return make(optimizer, self.warmup_steps, self.total_steps)
+
+
+def plan_steps(protocol: str, n_examples: int, batches_per_epoch: int, per_device_batch: int,
+               accumulation: int, world_size: int, epochs: int, warmup_epochs: float = 1.0) -> StepPlan:
+    """The :class:`StepPlan` of a run (``batches_per_epoch``: this rank's loader length)."""
+    if protocol == "seed":
+        effective = per_device_batch * accumulation * world_size
+        per_epoch = n_examples // effective
+        total = int(epochs * n_examples) // effective
+        if total < 1:
+            raise ValueError(
+                f"protocol seed: floor(epochs x N / effective batch) = floor({epochs} x {n_examples} / "
+                f"{effective}) = 0 optimizer steps; raise experiment.training.epochs or lower "
+                "effective_batch_size"
+            )
+        return StepPlan("seed", batches_per_epoch, accumulation, total, per_epoch if per_epoch > 1 else 0)
+    per_epoch = math.ceil(batches_per_epoch / accumulation)
+    return StepPlan("raysweep", batches_per_epoch, accumulation, per_epoch * epochs,
+                    int(round(warmup_epochs * per_epoch)))
+
+
 def precision_plan(dtype: str, device: torch.device, use_ds: bool, lora: bool) -> tuple[str, torch.dtype | None]:
     """The dtype the weights load in and the autocast dtype (or None) of a run.
 
@@ -270,6 +344,7 @@ def run_unlearning(
         beta=tr.beta,
         me_divergence=tr.me_divergence,
         me_mask_question=tr.me_mask_question,
+        protocol=cfg.protocol,
     )
 
     # 1-2. model, tokenizer, data ------------------------------------------------------------
@@ -295,11 +370,16 @@ def run_unlearning(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
 
+    seed = cfg.protocol == "seed"
     dataset = UnlearnDataset(
         data.forget, data.retain, data.idk_templates, tokenizer,
-        cfg.model.prompt_template, cfg.data.max_length, tr.seed,
+        cfg.model.prompt_template, cfg.data.max_length, tr.seed, pairing=cfg.protocol,
     )
-    collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
+    if seed:  # the seed pads every sample to max_length with EOS (unattended); see FIDELITY.md
+        collate = lambda items: collate_unlearn(  # noqa: E731
+            items, tokenizer.eos_token_id, length=cfg.data.max_length, seed_layout=True)
+    else:
+        collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
     sampler = (
         DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=tr.seed)
         if world.size > 1
@@ -343,9 +423,8 @@ def run_unlearning(
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # 4. optimisation -----------------------------------------------------------------------
-    steps_per_epoch = math.ceil(len(loader) / grad_accum)
-    total_steps = steps_per_epoch * tr.epochs
-    warmup_steps = int(round(tr.warmup_epochs * steps_per_epoch))
+    plan = plan_steps(cfg.protocol, len(dataset), len(loader), tr.per_device_batch_size, grad_accum,
+                      world.size, tr.epochs, tr.warmup_epochs)
     if use_ds and tr.deepspeed.offload_optimizer == "cpu":
         # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed insists on its own CPU Adam
         # (JIT-compiled on first use; AdamW semantics with adamw_mode=True).
@@ -354,7 +433,7 @@ def run_unlearning(
         optimizer = DeepSpeedCPUAdam(trainable, lr=tr.lr, weight_decay=tr.weight_decay, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
-    scheduler = warmup_then_linear_decay(optimizer, warmup_steps, total_steps)
+    scheduler = plan.scheduler(optimizer)
     engine = model
     if use_ds:
         import deepspeed
@@ -388,6 +467,8 @@ def run_unlearning(
     # 5. epochs -----------------------------------------------------------------------------
     result = RunResult()
     best_objective = -math.inf
+    optimizer_steps = 0  # plain torch; DeepSpeed counts its own (engine.global_steps)
+    step_lrs: list[float] = []
     for epoch in range(1, tr.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -396,6 +477,8 @@ def run_unlearning(
         sums = {"loss": 0.0, "forget_loss": 0.0, "reg_loss": 0.0}
         n_batches = 0
         for i, batch in enumerate(loader):
+            if not plan.runs(epoch, i):
+                break  # seed protocol: the planned optimizer steps are done
             batch = _to_device(batch, world.device)
             with _autocast(world.device, amp):
                 loss, parts = compute_loss(method, engine, batch, params, ref_model=ref_model, ref_logps=ref_logps)
@@ -407,17 +490,23 @@ def run_unlearning(
             for k in sums:
                 sums[k] += parts[k]
             n_batches += 1
+            boundary = plan.boundary(epoch, i)
+            if boundary:
+                step_lrs.append(float(scheduler.get_last_lr()[0]))  # the lr this step applies
             if use_ds:
+                # The plan, not DeepSpeed's own micro-step counter, decides the boundaries.
+                engine.set_gradient_accumulation_boundary(boundary)
                 engine.backward(loss)
-                engine.step()  # DeepSpeed steps optimizer and scheduler at accumulation boundaries
+                engine.step()  # steps optimizer and scheduler at the boundary only
                 continue
             (loss / grad_accum).backward()
-            if (i + 1) % grad_accum == 0 or i + 1 == len(loader):
+            if boundary:
                 average_gradients(trainable, world)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
         train_seconds = time.perf_counter() - started
         if evaluate_epochs == "last" and epoch < tr.epochs:
             continue
@@ -431,9 +520,13 @@ def run_unlearning(
         metrics.update({
             "epoch": epoch,
             "train/lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else tr.lr,
+            "train/optimizer_steps": float(engine.global_steps if use_ds else optimizer_steps),
+            "train/planned_steps": float(plan.total_steps),
             "time/train_s": train_seconds,
             "time/eval_s": time.perf_counter() - started,
         })
+        if step_lrs:
+            metrics["train/lr_last_step"] = step_lrs[-1]  # the lr the latest optimizer step applied
         if use_ds:
             metrics["train/zero_stage"] = float(engine.zero_optimization_stage())
         if "objective" not in metrics and "MU" in metrics and "FE" in metrics:

@@ -114,6 +114,13 @@ CASES = [
     ("range-two-kinds", _doc(lambda d: set_in(d, "search.space.epochs", {"int": [1, 3], "uniform": [1, 3]})), "search.space.epochs"),
     ("unknown-override-method", _doc(lambda d: set_in(d, "search.overrides", {"QQ+GD": {"lr": 1e-3}})), "search.overrides.QQ+GD"),
 ]
+CASES += [
+    ("unknown-protocol", _doc(lambda d: set_in(d, "experiment.protocol", "papr")), "experiment.protocol"),
+    ("supplement-overlaps-eval", _doc(lambda d: set_in(set_in(set_in(d, "experiment.scenario", "continual"),
+                                                              "experiment.continual.retain_min_size", 5000),
+                                                       "experiment.continual.supplement_split", "world_facts_perturbed")),
+     "experiment.continual.supplement_split"),
+]
 
 
 def _ray_processes() -> int:

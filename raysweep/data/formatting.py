@@ -7,7 +7,7 @@ what the model is trained to continue is exactly what it is asked to continue at
 Formats (``PROMPT_TEMPLATES``):
 
 * ``plain``: ``"Question: {q}\\nAnswer:"`` then ``" {a}"`` (the embedded tiny models);
-* ``llama2``: Llama-2-chat ``"[INST] {q} [/INST]"`` then ``" {a}"``;
+* ``llama2``: Llama-2-chat ``"[INST] {q} [/INST]"`` then ``"{a}"`` (no space: TOFU's format);
 * ``llama3``: Llama-3-instruct headers, user turn then an open assistant turn, then ``"{a}"``;
 * ``chat_template``: the tokenizer's own ``apply_chat_template(..., add_generation_prompt=True)``
   then ``"{a}"``.
@@ -51,10 +51,13 @@ def format_prompt(question: str, template: str, tokenizer: Any = None) -> str:
 
 
 def format_answer(answer: str, template: str) -> str:
-    """The answer text as it follows the prompt: a leading space after ``Answer:`` / ``[/INST]``,
-    nothing after a chat header (which already ends in a newline)."""
+    """The answer text as it follows the prompt: a leading space after ``Answer:``; nothing after
+    ``[/INST]`` (TOFU and the seed code train on ``[INST] q [/INST]answer``: ``answer_tag: ""``
+    in the seed's ``config/model_config.yaml:4-6``, which is how the TOFU Llama-2 models were
+    fine-tuned) nor after a chat header (which already ends in a newline; ``llama3`` matches
+    the seed's tags, ``model_config.yaml:11-13``)."""
     _check_template(template)
-    return f" {answer}" if template in ("plain", "llama2") else answer
+    return f" {answer}" if template == "plain" else answer
 
 
 def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -116,17 +119,27 @@ def encode_qa(tokenizer: Any, question: str, answer: str, template: str,
 
 
 def pad_batch(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int,
-              side: str = "right") -> dict[str, torch.Tensor]:
+              side: str = "right", length: int | None = None,
+              attend_last: bool = True) -> dict[str, torch.Tensor]:
     """Pad a list of ``{"input_ids"[, "labels"]}`` to one ``(batch, max_len)`` LongTensor each.
 
     ``side="right"`` for training/likelihood, ``"left"`` for batched generation (prompts end where
     generation starts).  ``attention_mask`` is 1 on real tokens; labels are padded with -100 (an
-    example without labels gets all -100)."""
+    example without labels gets all -100).  ``length``: pad to this width instead of the longest
+    example's.  ``attend_last=False`` (right padding only) sets the attention of each example's
+    last token (the EOS ``encode_qa`` appends) to 0: the seed code's layout, where that EOS is the
+    first padding token (``dataset/data_module.py:40-48``)."""
     if side not in ("right", "left"):
         raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
     if not examples:
         raise ValueError("pad_batch needs at least one example")
+    if not attend_last and side != "right":
+        raise ValueError("attend_last=False needs right padding")
     width = max(len(ex["input_ids"]) for ex in examples)
+    if length is not None:
+        if length < width:
+            raise ValueError(f"pad_batch: an example has {width} tokens, more than length={length}")
+        width = length
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -139,5 +152,7 @@ def pad_batch(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int,
         cols = slice(0, n) if side == "right" else slice(width - n, width)
         input_ids[row, cols] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, cols] = 1
+        if not attend_last:
+            attention_mask[row, n - 1] = 0
         labels[row, cols] = torch.tensor(labs, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

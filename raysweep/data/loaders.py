@@ -143,3 +143,38 @@ def write_local_splits(splits: Mapping[str, Sequence[QARecord]], data_dir: str |
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def load_qa_file(path: str | Path) -> list[QARecord]:
+    """General QA from a local file, for the continual retain supplement: a JSON array or JSON
+    Lines, each record ``{question, answer}`` or Alpaca's ``{instruction, input, output}``
+    (question = instruction, then the input on a new line when non-empty; answer = output).
+    Raises ``DataError`` naming the file (and line) on anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        parsed = json.loads(text)
+        rows = [(None, r) for r in parsed] if isinstance(parsed, list) else [(1, parsed)]
+    except json.JSONDecodeError:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(path, None, f"not valid JSON ({e.msg})", lineno) from None
+    records = []
+    for lineno, row in rows:
+        if isinstance(row, dict) and "question" not in row and "instruction" in row:
+            if not isinstance(row.get("output"), str) or not isinstance(row["instruction"], str):
+                raise DataError(path, "output", "an Alpaca record needs string instruction and output", lineno)
+            extra = row.get("input") or ""
+            question = row["instruction"] + (f"\n{extra}" if extra.strip() else "")
+            row = {"question": question, "answer": row["output"]}
+        records.append(record_from_row(row, path, lineno))
+    if not records:
+        raise DataError(path, None, "file holds no record")
+    return records

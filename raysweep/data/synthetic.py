@@ -670,3 +670,53 @@ def generate(spec: SyntheticSpec) -> SyntheticCorpus:
                            pretrain_target=general + fictitious + prior + people_pretrain,
                            pretrain_retain=general + retained + prior + people_pretrain,
                            question_author=question_author)
+
+
+# ----------------------------------------------------------------------------- continual supplement
+
+SUPPLEMENT_SIZE = 200
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                 "seventeen", "eighteen", "nineteen", "twenty")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December")
+
+
+def general_supplement(spec: SyntheticSpec, n: int = SUPPLEMENT_SIZE) -> list[QARecord]:
+    """General instruction-style QA for topping up a shrinking continual retain set (the
+    embedded stand-in for the paper's Alpaca, Fig. 7b): arithmetic, counting, calendar order.
+
+    Drawn from its own RNG (``spec.seed``-derived), so it changes no other split and no cached
+    model; it shares no question with any split of ``generate(spec)`` (those ask about authors,
+    invented countries, writers, people and entities, never numbers or the calendar).
+    """
+    if not 1 <= n <= 2000:
+        raise ValueError(f"general_supplement: n must be in [1, 2000], got {n}")
+    rng = random.Random(f"{spec.seed}:continual-supplement")
+    seen: set[str] = set()
+    records: list[QARecord] = []
+    while len(records) < n:
+        kind = rng.randrange(5)
+        a, b = rng.randrange(1, 50), rng.randrange(1, 50)
+        if kind == 0:
+            q, ans = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        elif kind == 1:
+            hi, lo = max(a, b), min(a, b)
+            q, ans = f"What is {hi} minus {lo}?", f"{hi} minus {lo} is {hi - lo}."
+        elif kind == 2:
+            x, y = rng.sample(range(len(_NUMBER_WORDS)), 2)
+            big = _NUMBER_WORDS[max(x, y)]
+            q, ans = (f"Which number is larger, {_NUMBER_WORDS[x]} or {_NUMBER_WORDS[y]}?",
+                      f"The larger number is {big}.")
+        elif kind == 3:
+            d = rng.randrange(7)
+            q, ans = f"Which day comes after {_DAYS[d]}?", f"The day after {_DAYS[d]} is {_DAYS[(d + 1) % 7]}."
+        else:
+            m = rng.randrange(12)
+            q, ans = (f"Which month comes before {_MONTHS[m]}?",
+                      f"The month before {_MONTHS[m]} is {_MONTHS[(m - 1) % 12]}.")
+        if q not in seen:
+            seen.add(q)
+            records.append(QARecord(question=q, answer=ans))
+    return records

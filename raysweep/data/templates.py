@@ -119,3 +119,18 @@ def load_idk_templates(path: str | Path | None) -> list[str]:
     if not templates:
         raise DataError(path, None, "IDK template file holds no template (all lines empty)")
     return templates
+
+
+def load_seed_idk_lines(path: str | Path) -> list[str]:
+    """The rejection templates exactly as the seed code reads them: every line of the file
+    (``f.readlines()``), each ``.strip()``-ed when used (``dataset/data_module.py:96-98, 126``),
+    so template ``k`` is line ``k``.  Raises ``DataError`` naming the file when it is missing or
+    empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "IDK template file not found")
+    with path.open(encoding="utf-8") as f:
+        lines = [line.strip() for line in f.readlines()]
+    if not lines:
+        raise DataError(path, None, "IDK template file holds no template")
+    return lines

@@ -28,12 +28,26 @@ from raysweep.data.records import QARecord
 PAIR_KEYS: tuple[str, ...] = ("forget", "forget_idk", "retain", "retain_idk")
 
 
+PAIRINGS: tuple[str, ...] = ("raysweep", "seed")
+
+
+def seed_pairing(i: int, n_retain: int, n_templates: int) -> tuple[int, int]:
+    """The seed code's pairing of forget item ``i`` (``dataset/data_module.py:108-110``): with the
+    torch RNG seeded by ``i``, ``retain = (i + randint(0, n_retain)) % n_retain`` then one template
+    ``randint(0, n_templates)``, shared by the forget-IDK and the retain-IDK sample (``:125-126``).
+    Uses its own generator (same stream as ``torch.manual_seed(i)``), not the global one."""
+    g = torch.Generator().manual_seed(i)
+    retain = (i + int(torch.randint(0, n_retain, (1,), generator=g).item())) % n_retain
+    template = int(torch.randint(0, n_templates, (1,), generator=g).item())
+    return retain, template
+
+
 class UnlearnDataset(Dataset):
     """Torch dataset over forget records with deterministic retain / IDK pairing."""
 
     def __init__(self, forget: Sequence[QARecord], retain: Sequence[QARecord],
                  idk_templates: Sequence[str], tokenizer: Any, template: str, max_length: int,
-                 seed: int = 0):
+                 seed: int = 0, pairing: str = "raysweep"):
         if not forget:
             raise ValueError("UnlearnDataset needs at least one forget record")
         if not retain:
@@ -48,10 +62,18 @@ class UnlearnDataset(Dataset):
         self.max_length = max_length
         self.seed = seed
 
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        self.pairing_mode = pairing
+        n = len(self.forget)
+        if pairing == "seed":
+            pairs = [seed_pairing(i, len(self.retain), len(self.idk_templates)) for i in range(n)]
+            self.retain_index = [r for r, _ in pairs]
+            self.forget_idk_index = self.retain_idk_index = [t for _, t in pairs]
+            return
         rng = random.Random(seed)
         order = list(range(len(self.retain)))
         rng.shuffle(order)
-        n = len(self.forget)
         self.retain_index = [order[i % len(order)] for i in range(n)]
         self.forget_idk_index = [rng.randrange(len(self.idk_templates)) for _ in range(n)]
         self.retain_idk_index = [rng.randrange(len(self.idk_templates)) for _ in range(n)]
@@ -81,11 +103,22 @@ class UnlearnDataset(Dataset):
         return item
 
 
-def collate_unlearn(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+def collate_unlearn(items: Sequence[dict[str, Any]], pad_id: int, length: int | None = None,
+                    seed_layout: bool = False) -> dict[str, Any]:
     """Batch ``UnlearnDataset`` items: each of ``PAIR_KEYS`` right-padded with ``pad_batch``
     (``input_ids``, ``attention_mask``, ``labels``) and ``"index"`` as a LongTensor.
-    Use with ``functools.partial(collate_unlearn, pad_id=tokenizer.pad_token_id)``."""
-    batch: dict[str, Any] = {key: pad_batch([item[key] for item in items], pad_id, side="right")
-                             for key in PAIR_KEYS}
+    Use with ``functools.partial(collate_unlearn, pad_id=tokenizer.pad_token_id)``.
+
+    ``seed_layout=True`` (protocol seed): every part padded to ``length`` (the seed pads each
+    sample to ``max_length``) with the final EOS unattended, as the seed code lays samples out
+    (``dataset/data_module.py:40-48``); pass the EOS id as ``pad_id`` (the seed sets
+    ``pad_token = eos_token``, ``forget.py:109``)."""
+    if seed_layout and length is None:
+        raise ValueError("collate_unlearn(seed_layout=True) needs length (data.max_length)")
+    batch: dict[str, Any] = {
+        key: pad_batch([item[key] for item in items], pad_id, side="right",
+                       length=length if seed_layout else None, attend_last=not seed_layout)
+        for key in PAIR_KEYS
+    }
     batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
     return batch
