@@ -41,8 +41,9 @@ def test_prompt_formats(tok):
     assert format_prompt("Q?", "llama3") == ("<|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
                                              "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert format_prompt("Q?", "chat_template", tok) == "<s><|user|>\nQ?\n<|assistant|>\n"
-    assert format_answer("A.", "plain") == format_answer("A.", "llama2") == " A."
-    assert format_answer("A.", "llama3") == format_answer("A.", "chat_template") == "A."
+    assert format_answer("A.", "plain") == " A."
+    # TOFU / the seed train on "[INST] q [/INST]answer": no space after [/INST] (answer_tag "").
+    assert format_answer("A.", "llama2") == format_answer("A.", "llama3") == format_answer("A.", "chat_template") == "A."
     with pytest.raises(ValueError, match="'alpaca'"):
         format_prompt("Q?", "alpaca")
     with pytest.raises(ValueError, match="chat_template"):
