@@ -12,6 +12,7 @@ of the paper differ only here:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,10 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
         data_dir = Path(artifacts.data_dir)
     elif cfg.data.source == "local":
         data_dir = Path(cfg.data.path).expanduser()
+    elif cfg.data.source == "seed":  # fetched and sha256-checked on first use (raysweep.data.fetch)
+        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
+
+        data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
     else:
         data_dir = None
     return Resolved(
@@ -221,14 +226,25 @@ def check_run_data(cfg: ExperimentConfig, resolved: Resolved, data: RunData) -> 
 def preflight_data(cfg: ExperimentConfig) -> None:
     """Read and check local data files before anything heavy starts (exit 2 on bad content).
 
-    Only ``source: local`` is read here: synthetic data is generated correct by construction
-    and hub data would need a download.
+    Only ``source: local`` and ``seed`` are read here (``seed`` fetched first, into the cache;
+    offline or a checksum mismatch exits 2 naming the file, URL and fetch command): synthetic
+    data is generated correct by construction and hub data would need a download.
     """
-    if cfg.data.source != "local":
+    if cfg.data.source not in ("local", "seed"):
         return
     from raysweep.config import fail
 
-    resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
+    if cfg.data.source == "seed":
+        from raysweep.data.fetch import SCENARIO_BUNDLE, FetchError, seed_dir
+
+        try:
+            data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
+        except FetchError as err:
+            print(err.one_line(), file=sys.stderr)
+            raise SystemExit(2) from None
+    else:
+        data_dir = Path(cfg.data.path).expanduser()
+    resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=data_dir)
     try:
         if cfg.scenario == "continual":
             tasks = continual_tasks(cfg, resolved)
