@@ -23,7 +23,8 @@ set ``HF_TOKEN``, or point the key at a local directory), then the other failing
 
 On a cluster (``--address``) the same check also runs as a Ray task on one node that can host a
 trial's Train worker (the autoscaler starts one if needed), with the driver's ``RAYSWEEP_*``
-variables like the trials: the head's credentials and cache are not the workers'.
+variables like the trials: the head's credentials and cache are not the workers'. (When no node
+type could ever host a trial the remote check is skipped: the sweep's cluster check reports that.)
 """
 
 from __future__ import annotations
@@ -196,6 +197,11 @@ def check_on_worker(sweep: Any, address: str, timeout_s: float | None = None) ->
     )
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
+        from raysweep.tune import _autoscaler_node_types, trial_fits
+
+        nodes = [(dict(n.get("Resources") or {}), 1) for n in ray.nodes() if n.get("Alive")]
+        if not trial_fits(res, nodes + _autoscaler_node_types()):
+            return []  # no node could ever run a trial: the sweep's own cluster check says so next
         ref = task.remote(experiment, env)
         ready, _ = ray.wait([ref], timeout=timeout_s)
         if not ready:
