@@ -548,8 +548,10 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
         config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler config reachable: only live nodes count
         return []
-    if config is None:
-        return []
+    if config is None or not config.node_group_configs:
+        from raysweep.sweep.plan import bootstrap_node_types  # the head's copy of the cluster config
+
+        return bootstrap_node_types()
     return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
 
 

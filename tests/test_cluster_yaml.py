@@ -294,3 +294,18 @@ def test_gcp_gpu_node_terminates_on_host_maintenance():
     node = gpu_worker(prepared("gcp"))
     scheduling = node["node_config"]["scheduling"]
     assert isinstance(scheduling, dict) and scheduling["onHostMaintenance"] == "TERMINATE"
+
+
+def test_cluster_local_is_cluster_yaml_in_miniature():
+    """cluster-local.yaml (the fake multi-node rehearsal) has the same shape: a head with
+    trial_driver and CPU 0, one autoscaled worker type, valid for Ray's autoscaler schema."""
+    from ray.autoscaler._private.util import validate_config
+
+    local = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    validate_config(local)
+    assert local["provider"]["type"] == "fake_multinode"
+    head = local["available_node_types"][local["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"]["trial_driver"] >= 2
+    workers = [t for n, t in local["available_node_types"].items() if n != local["head_node_type"]]
+    assert len(workers) == 1 and workers[0]["min_workers"] == 0 and workers[0]["max_workers"] >= 1
+    assert "trial_driver" not in workers[0]["resources"]

@@ -258,6 +258,30 @@ def _max_t(sweep: Any) -> int:
 
 # ----------------------------------------------------------------------------- capacity
 
+AUTOSCALING_CONFIG_ENV = "RAYSWEEP_AUTOSCALING_CONFIG"
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster config on the head
+
+
+def bootstrap_node_types() -> list[tuple[dict[str, float], int]]:
+    """Worker node types of the autoscaling config this driver runs beside: ``$RAYSWEEP_AUTOSCALING_CONFIG``,
+    else ``~/ray_bootstrap_config.yaml`` (on a ``ray up`` head). ``(resources, max_workers)`` pairs;
+    empty when there is no such file. Ray's GCS holds the autoscaler's node types only when some
+    component reports them (``state.get_cluster_config()``); a ``ray start --autoscaling-config``
+    head with the standard autoscaler does not, so the file is the source the driver can read."""
+    import yaml
+
+    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
+    try:
+        config = yaml.safe_load(path.read_text())  # JSON (the bootstrap file) is YAML too
+        types = config["available_node_types"]
+        head = config.get("head_node_type")
+        default_max = int(config.get("max_workers", 0))
+        return [(dict((t.get("resources") or {})), int(t.get("max_workers", default_max)))
+                for name, t in types.items() if name != head]
+    except (OSError, TypeError, KeyError, ValueError, AttributeError, yaml.YAMLError):
+        return []
+
+
 
 def local_capacity(sweep: Any) -> tuple[int, str]:
     """Trials at once on this machine (as ``start_ray`` computes it) and a description."""
