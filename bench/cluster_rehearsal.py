@@ -156,7 +156,7 @@ def rehearse(space: str, out: Path, env: dict[str, str] | None = None, extra: li
     cluster = LocalCluster(out, env)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     cluster.env["MLFLOW_TRACKING_URI"] = uri
-    summary: dict = {"space": space, "address": cluster.address}
+    summary: dict = {"space": space, "address": cluster.address, "marker": cluster.marker}
     started = time.time()
     try:
         cluster.start()
