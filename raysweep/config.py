@@ -88,7 +88,9 @@ class SelectConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["synthetic", "local", "hub"] = "synthetic"
+    # seed: the paper's files (real_world / tofu by scenario), fetched from the seed repository at
+    # a pinned commit and checked by sha256 on first use (raysweep.data.fetch)
+    source: Literal["synthetic", "local", "hub", "seed"] = "synthetic"
     path: Path | None = None  # the seed JSONL layout directory, for source: local
     forget_split: str = "forget10"
     retain_split: str = "retain90"
@@ -107,6 +109,10 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _local_files_exist(self) -> "DataConfig":
+        if self.source == "seed":
+            if self.path is not None:
+                raise _KeyedError("path", "not used with source 'seed' (the files are fetched into $RAYSWEEP_CACHE)")
+            return self
         if self.source != "local":
             return self
         if self.path is None:
@@ -227,6 +233,20 @@ class ExperimentConfig(Strict):
         if self.protocol == "seed" and self.training.me_divergence != "code":
             raise _KeyedError("training.me_divergence",
                               "protocol seed uses the seed code's ME divergence KL(U||P): set 'code'")
+        return self
+
+    @model_validator(mode="after")
+    def _seed_splits_exist(self) -> "ExperimentConfig":
+        if self.data.source != "seed":
+            return self
+        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_splits
+
+        bundle = SCENARIO_BUNDLE[self.scenario]
+        for key in ("forget_split", "retain_split"):
+            split = getattr(self.data, key)
+            if split not in seed_splits(bundle):
+                raise _KeyedError(f"data.{key}", f"{split!r} is not in the seed's data/{bundle} "
+                                                 f"(there: {', '.join(seed_splits(bundle))})")
         return self
 
 

@@ -12,6 +12,7 @@ of the paper differ only here:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -95,6 +96,10 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
         data_dir = Path(artifacts.data_dir)
     elif cfg.data.source == "local":
         data_dir = Path(cfg.data.path).expanduser()
+    elif cfg.data.source == "seed":  # fetched and sha256-checked on first use (raysweep.data.fetch)
+        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
+
+        data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
     else:
         data_dir = None
     return Resolved(
@@ -264,9 +269,9 @@ def idk_templates_for(cfg: ExperimentConfig) -> list[str]:
         return load_idk_templates(cfg.data.idk_path)
     path = cfg.data.idk_path
     if path is None:
-        from raysweep.data.fetch import seed_file  # lazy: only the seed protocol downloads
+        from raysweep.data.fetch import fetch_file  # lazy: only the seed protocol downloads
 
-        path = seed_file(SEED_IDK_FILE)
+        path = fetch_file(SEED_IDK_FILE)
     return load_seed_idk_lines(path)
 
 
@@ -336,19 +341,35 @@ def check_run_data(cfg: ExperimentConfig, resolved: Resolved, data: RunData) -> 
 def preflight_data(cfg: ExperimentConfig) -> None:
     """Read and check local data files before anything heavy starts (exit 2 on bad content).
 
-    Only ``source: local`` is read here: synthetic data is generated correct by construction
-    and hub data would need a download.  Two checks run on every source: under ``protocol:
-    seed`` the seed's rejection templates are fetched now (cached; offline: exit 2 naming the
-    file), and a continual run's retain supplement is checked against the evaluation sets
-    (synthetic data: generated in memory, ~1 s).
+    Only ``source: local`` and ``seed`` are read here (``seed`` fetched first, into the cache;
+    offline or a checksum mismatch exits 2 naming the file, URL and fetch command): synthetic
+    data is generated correct by construction and hub data would need a download.  Two checks
+    run on every source: under ``protocol: seed`` the seed's rejection templates are fetched now
+    (cached; offline: exit 2 naming the file), and a continual run's retain supplement is checked
+    against the evaluation sets (synthetic data: generated in memory, ~1 s).
     """
     from raysweep.config import fail
+    from raysweep.data.fetch import FetchError
 
     if cfg.protocol == "seed":
         try:
             idk_templates_for(cfg)
         except DataError as err:
             fail(err.path, "experiment.data.idk_path", err.message)
+        except FetchError as err:
+            print(err.one_line(), file=sys.stderr)
+            raise SystemExit(2) from None
+    data_dir = None
+    if cfg.data.source == "seed":
+        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
+
+        try:
+            data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
+        except FetchError as err:
+            print(err.one_line(), file=sys.stderr)
+            raise SystemExit(2) from None
+    elif cfg.data.source == "local":
+        data_dir = Path(cfg.data.path).expanduser()
     if cfg.scenario == "continual" and cfg.continual.retain_min_size is not None and cfg.data.source != "hub":
         if cfg.data.source == "synthetic":
             from raysweep.data.synthetic import generate
@@ -362,7 +383,7 @@ def preflight_data(cfg: ExperimentConfig) -> None:
 
             resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path("synthetic"))
         else:
-            resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
+            resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=data_dir)
             load = None
         try:
             load_supplement(cfg, resolved, load)
@@ -370,10 +391,9 @@ def preflight_data(cfg: ExperimentConfig) -> None:
             where = err.path if err.line is None else f"{err.path}:{err.line}"
             key = err.key if isinstance(err, SupplementError) else _supplement_key(cfg)
             fail(where, key or "", err.message)
-    if cfg.data.source != "local":
+    if data_dir is None:
         return
-
-    resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=Path(cfg.data.path).expanduser())
+    resolved = Resolved(model=cfg.model.name_or_path, retain_model=None, data_dir=data_dir)
     try:
         if cfg.scenario == "continual":
             tasks = continual_tasks(cfg, resolved)

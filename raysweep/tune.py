@@ -548,8 +548,10 @@ def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
         config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler config reachable: only live nodes count
         return []
-    if config is None:
-        return []
+    if config is None or not config.node_group_configs:
+        from raysweep.sweep.plan import bootstrap_node_types  # the head's copy of the cluster config
+
+        return bootstrap_node_types()
     return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
 
 
@@ -804,6 +806,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue the experiment <storage>/<name> (default: the latest <experiment.name>-*)")
     parser.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS, else local)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (tracking.uri)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything (data, models, storage, MLflow, fit), print the plan and its estimated cost, start no trial")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a YAML value, e.g. --set search.scheduler.type=none")
     return parser.parse_args(argv)
@@ -837,6 +841,14 @@ def main(argv: list[str] | None = None) -> int:
         from raysweep.scenarios import preflight_data
 
         preflight_data(sweep.experiment)  # bad data files: exit 2 before Ray starts
+    if not os.environ.get(WORKER_ENV):  # a replacement worker (as in the tests) loads its own models
+        from raysweep.sweep.modelcheck import check_models_or_exit
+
+        check_models_or_exit(sweep, args.space, address)  # every model resolves: here, then on one worker node
+    if args.dry_run:
+        from raysweep.sweep.plan import dry_run
+
+        return dry_run(sweep, args.space, storage, name, address)
     if not os.environ.get(WORKER_ENV):
         from raysweep.scenarios import ensure_embedded_for
 

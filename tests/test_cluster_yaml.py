@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,8 +161,11 @@ def test_project_synced_and_installed_with_gpu_extra(config):
     head_setup = " ".join(commands(config, "head_setup_commands"))
     for setup in (worker_setup, head_setup):
         assert re.search(r'DS_BUILD_OPS=0 pip install .*-e "\$HOME/raysweep\[gpu\]"', setup), setup
-    # Workers get a CUDA build of torch, the head a CPU one, both pinned before the project.
-    assert re.search(r"pip install \"torch==[\d.]+\" --index-url https://download\.pytorch\.org/whl/cu\d+", worker_setup)
+    # Workers get a CUDA build of torch (PyPI's Linux wheel), the head a CPU one (pytorch.org's cpu
+    # index), both pinned before the project; the workers check that CUDA is there.
+    assert re.search(r"pip install \"torch==[\d.]+\" --index-url https://pypi\.org/simple", worker_setup)
+    assert "whl/cpu" not in worker_setup
+    assert "assert torch.version.cuda" in worker_setup
     assert re.search(r"pip install \"torch==[\d.]+\" --index-url https://download\.pytorch\.org/whl/cpu", head_setup)
     assert worker_setup.index("torch==") < worker_setup.index("raysweep[gpu]")
 
@@ -178,7 +183,9 @@ def test_nothing_bound_to_all_interfaces(config):
         "MLflow must bind to the head's private IP (hostname -I), not 0.0.0.0 or a public address"
     )
     assert "sqlite:////home/ubuntu/mlflow.db" in mlflow[0]
-    assert re.search(r"--default-artifact-root (s3|gs)://", mlflow[0])
+    # Artifacts where the settings block says (bucket or the head's disk), proxied by the server.
+    assert re.search(r"--artifacts-destination \$ARTIFACTS\b", mlflow[0])
+    assert 'ARTIFACTS="${RAYSWEEP_MLFLOW_ARTIFACTS:-$HOME/mlflow-artifacts}"' in mlflow[0]
 
 
 def test_commands_are_valid_bash(config):
@@ -190,14 +197,94 @@ def test_commands_are_valid_bash(config):
         assert result.returncode == 0, f"bash -n failed on:\n{cmd}\n{result.stderr}"
 
 
-def test_placeholders_are_marked(provider):
-    """Account-specific values are REPLACE_ME placeholders, never someone's real resource."""
+def test_aws_has_no_placeholder_to_find():
+    """Nothing to find by reading: no REPLACE_ME; the AMI resolves from AWS's public SSM parameter
+    and the worker profile is named, not an account-specific ARN."""
+    text = CLUSTER_FILES["aws"].read_text()
+    assert "REPLACE_ME" not in text
+    raw = load("aws")
+    for node in raw["available_node_types"].values():
+        assert node["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/")
+    assert gpu_worker(raw)["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
+
+
+def test_settings_block_is_at_the_top(provider):
+    """Region and bucket live in one marked place before anything else (cluster.yaml)."""
     text = CLUSTER_FILES[provider].read_text()
-    assert "REPLACE_ME" in text
+    raw = load(provider)
+    assert "artifact_bucket" in raw["metadata"]["raysweep"]
     if provider == "aws":
-        raw = load(provider)
-        for node in raw["available_node_types"].values():
-            assert "REPLACE_ME" in node["node_config"]["ImageId"]
+        first_key = next(line for line in text.splitlines() if line and not line.startswith(("#", " ")))
+        assert first_key == "provider:" and text.index("YOUR SETTINGS (edit here only)") < text.index("provider:")
+        assert text.index("metadata:") < text.index("cluster_name:")
+
+
+def _settings_command(config: dict) -> str:
+    return next(c for c in commands(config, "head_setup_commands") if "artifact_bucket" in c)
+
+
+@pytest.mark.parametrize("bucket", ["", "my-bucket"])
+def test_head_exports_storage_and_artifacts_from_the_settings(config, provider, bucket, tmp_path):
+    """Run the head's settings command in a scratch HOME against a bootstrap config like Ray's
+    (the cluster config as JSON in ~/ray_bootstrap_config.yaml)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not available")
+    boot = copy.deepcopy(config)
+    boot["metadata"]["raysweep"]["artifact_bucket"] = bucket
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(boot))
+    (tmp_path / ".bashrc").write_text("")
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    bindir = tmp_path / "bin"  # `python` as the nodes' venv has it
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    result = subprocess.run([bash, "-c", _settings_command(config)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    probe = subprocess.run([bash, "-c", 'source "$HOME/.raysweep_env"; echo "$RAYSWEEP_STORAGE|$RAYSWEEP_MLFLOW_ARTIFACTS|$MLFLOW_TRACKING_URI"'],
+                           env=env, capture_output=True, text=True)
+    storage, artifacts, uri = probe.stdout.strip().split("|")
+    scheme = {"aws": "s3", "gcp": "gs"}[provider]
+    if bucket:
+        assert (storage, artifacts) == (f"{scheme}://my-bucket/ray_results", f"{scheme}://my-bucket/mlflow")
+    else:
+        assert (storage, artifacts) == (f"{tmp_path}/ray_results", f"{tmp_path}/mlflow-artifacts")
+    assert re.fullmatch(r"http://\S+:5000", uri)
+    assert "raysweep_env" in (tmp_path / ".bashrc").read_text()
+
+
+def _tested_torch() -> str:
+    """The torch version everything is tested on: the README's install line."""
+    match = re.search(r"pip install torch==([\d.]+)", (ROOT / "README.md").read_text())
+    assert match, "README.md names no tested torch version"
+    return match.group(1)
+
+
+def test_torch_on_every_node_is_the_tested_version_within_pyproject(provider):
+    """Head (CPU) and GPU workers pin the same torch: the README's tested version, inside
+    pyproject.toml's torch requirement (the GPU-cost issue owns that pin)."""
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    text = "\n".join(all_commands(load(provider)))
+    pins = set(re.findall(r"torch==([\w.+]+)", text))
+    assert pins == {_tested_torch()}, pins
+    assert torch_req.specifier.contains(_tested_torch()), (str(torch_req.specifier), _tested_torch())
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        setup = "\n".join(commands(load(provider), key))
+        assert f'pip install "torch=={_tested_torch()}"' in setup and f'echo "torch=={_tested_torch()}"' in setup
+
+
+def test_gcp_placeholders_are_marked():
+    """GCP needs a project id, which has no default: it stays a marked placeholder."""
+    if "gcp" not in PROVIDERS:
+        pytest.skip("no cluster-gcp.yaml")
+    assert "REPLACE_ME_PROJECT_ID" in load("gcp")["provider"]["project_id"]
 
 
 def test_gcp_gpu_node_terminates_on_host_maintenance():
@@ -207,3 +294,18 @@ def test_gcp_gpu_node_terminates_on_host_maintenance():
     node = gpu_worker(prepared("gcp"))
     scheduling = node["node_config"]["scheduling"]
     assert isinstance(scheduling, dict) and scheduling["onHostMaintenance"] == "TERMINATE"
+
+
+def test_cluster_local_is_cluster_yaml_in_miniature():
+    """cluster-local.yaml (the fake multi-node rehearsal) has the same shape: a head with
+    trial_driver and CPU 0, one autoscaled worker type, valid for Ray's autoscaler schema."""
+    from ray.autoscaler._private.util import validate_config
+
+    local = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    validate_config(local)
+    assert local["provider"]["type"] == "fake_multinode"
+    head = local["available_node_types"][local["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"]["trial_driver"] >= 2
+    workers = [t for n, t in local["available_node_types"].items() if n != local["head_node_type"]]
+    assert len(workers) == 1 and workers[0]["min_workers"] == 0 and workers[0]["max_workers"] >= 1
+    assert "trial_driver" not in workers[0]["resources"]
