@@ -1,8 +1,5 @@
-"""``python -m raysweep.report``: paper-style tables and plots of a finished (or running) sweep.
-
-::
-
-    python -m raysweep.report EXPERIMENT_DIR_OR_MLFLOW_RUN_ID [--out DIR] [--mlflow-uri URI]
+"""Paper-style tables and plots of a finished (or running) sweep (the command is
+``python -m raysweep.report``, :mod:`raysweep.report`).
 
 The input is an experiment directory (``trials.json`` / ``best.json`` written by
 ``raysweep.tune``) or the id of a sweep's MLflow parent run (its child runs and their metric
@@ -26,23 +23,24 @@ the files on the MLflow parent run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FINISHED, ERRORED = "TERMINATED", "ERROR"
+from raysweep.sweep.mlflow_store import (
+    TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_PARENT, TAG_STATUS, TAG_TRIAL, child_runs, client_for, resolve_tracking_uri,
+)
+from raysweep.sweep.results import ERRORED, FINISHED, MLFLOW_TO_TUNE, best_row, pareto_front, result_step
+from raysweep.sweep.storage import copy_into, is_remote
+
 CORE = ("objective", "MU", "FE", "epoch", "step")
 NON_SET_PREFIXES = ("train", "time", "eval", "data")
 METRIC_ORDER = ("R", "P", "TR", "TE", "CS", "ES")
 FILES = ("report.md", "mu_fe.png", "objective_history.png", "steps.png")
-_MLFLOW_STATUS = {"FINISHED": FINISHED, "FAILED": ERRORED}
 
 
 class ReportError(Exception):
@@ -65,10 +63,7 @@ class TrialData:
         return self.status == FINISHED and any("objective" in r for r in self.history)
 
     def best(self) -> dict[str, Any] | None:
-        rows = [r for r in self.history if isinstance(r.get("objective"), (int, float))]
-        if not rows:
-            return None
-        return max(rows, key=lambda r: (r["objective"], -_x(r)))
+        return best_row(self.history)
 
 
 @dataclass
@@ -104,11 +99,7 @@ class SweepData:
 
 def _x(row: dict[str, Any]) -> float:
     """The position of a history row: continual step, else epoch."""
-    for key in ("step", "epoch", "training_iteration"):
-        value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return 0.0
+    return float(result_step(row) or 0)
 
 
 def _dedupe(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,7 +115,7 @@ def _dedupe(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def from_summaries(summaries: list[dict[str, Any]], best: dict[str, Any] | None = None, title: str = "",
                    source: str = "") -> SweepData:
-    """From ``raysweep.tune.summarize`` output (the content of ``trials.json``, in trial start order)."""
+    """From ``raysweep.sweep.summary.summarize`` output (the content of ``trials.json``, in trial start order)."""
     trials = []
     if all(isinstance(s.get("started"), (int, float)) for s in summaries):
         summaries = sorted(summaries, key=lambda s: s["started"])
@@ -152,9 +143,6 @@ def load_experiment(path: str | Path) -> SweepData:
 
 def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
     """From a sweep's MLflow parent run: its children and their metric histories."""
-    from raysweep.tracking import (TAG_EARLY, TAG_ERROR, TAG_METHOD, TAG_PARENT, TAG_STATUS, TAG_TRIAL,
-                                   child_runs, client_for, resolve_tracking_uri)
-
     uri = resolve_tracking_uri(uri)
     client = client_for(uri)
     try:
@@ -189,7 +177,7 @@ def load_mlflow(run_id: str, uri: str | None = None) -> SweepData:
         tags, params = run.data.tags, dict(run.data.params)
         for key, value in list(params.items()):
             params[key] = _parse_param(value)
-        status = tags.get(TAG_STATUS) or _MLFLOW_STATUS.get(run.info.status, run.info.status)
+        status = tags.get(TAG_STATUS) or MLFLOW_TO_TUNE.get(run.info.status, run.info.status)
         core = [k for k in CORE if k in run.data.metrics]
         trials.append(TrialData(
             trial_id=tags.get(TAG_TRIAL, run.info.run_id), method=str(params.get("method") or tags.get(TAG_METHOD, "?")),
@@ -270,15 +258,9 @@ def set_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def pareto_points(data: SweepData) -> list[tuple[TrialData, dict[str, Any]]]:
-    """Every evaluated (trial, epoch) of a finished trial that no other one dominates in (MU, FE)."""
-    points = [(t, r) for t in data.trials if t.finished for r in t.history
-              if isinstance(r.get("MU"), (int, float)) and isinstance(r.get("FE"), (int, float))]
-
-    def dominated(a, b):  # b dominates a
-        return b["MU"] >= a["MU"] and b["FE"] >= a["FE"] and (b["MU"] > a["MU"] or b["FE"] > a["FE"])
-
-    front = [(t, r) for t, r in points if not any(dominated(r, o) for _, o in points)]
-    return sorted(front, key=lambda p: -p[1]["MU"])
+    """Every evaluated (trial, epoch) of a finished trial that no other one dominates in (MU, FE)
+    (:func:`raysweep.sweep.results.pareto_front`, as in ``best.json``)."""
+    return pareto_front((t, r) for t in data.trials if t.finished for r in t.history)
 
 
 def markdown(data: SweepData, plots: list[str]) -> str:
@@ -506,59 +488,11 @@ def report_sweep(summaries: list[dict[str, Any]], best: dict[str, Any] | None, e
     For remote storage (``s3://…``) the files are written to a local temporary directory and
     copied into the experiment directory; the returned paths are the local ones.
     """
-    from raysweep.trial import is_remote
-
     name = experiment_path.rstrip("/").rsplit("/", 1)[-1]
     data = from_summaries(summaries, best, title=name, source=f"experiment directory {experiment_path}")
     if not is_remote(experiment_path):
         return write_report(data, out or experiment_path)
     local = Path(out or tempfile.mkdtemp(prefix="raysweep-report-"))
     files = write_report(data, local)
-    import pyarrow.fs
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(experiment_path)
-    for file in files:
-        with fs.open_output_stream(f"{inner.rstrip('/')}/{file.name}") as f:
-            f.write(file.read_bytes())
+    copy_into(files, experiment_path)
     return files
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m raysweep.report",
-                                     description="Tables (report.md) and plots of a raysweep sweep.")
-    parser.add_argument("target", help="experiment directory (<storage>/<name>) or MLflow parent run id")
-    parser.add_argument("--out", help="output directory (default: the experiment directory, or ./report-<run id>)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI, "
-                                             "else sqlite:///mlflow.db in the current directory)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        target = Path(args.target).expanduser()
-        if target.is_dir():
-            data = load_experiment(target)
-            out = Path(args.out) if args.out else target
-        elif re.fullmatch(r"[0-9a-f]{8,64}", args.target):
-            data = load_mlflow(args.target, args.mlflow_uri)
-            out = Path(args.out) if args.out else Path(f"report-{args.target[:8]}")
-        else:
-            raise ReportError(f"{args.target}: neither an experiment directory nor an MLflow run id")
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    files = write_report(data, out)
-    for file in files:
-        print(file)
-    return 0
-
-
-if __name__ == "__main__":
-    from raysweep.report import main as _main
-
-    sys.exit(_main())
