@@ -4,8 +4,9 @@
 
     python -m raysweep.report EXPERIMENT_DIR_OR_MLFLOW_RUN_ID [--out DIR] [--mlflow-uri URI]
 
-The command only; the tables and plots are :mod:`raysweep.sweep.report` (its names are
-re-exported here, where they lived before).
+The command only; the report is :mod:`raysweep.sweep.report` (tables), :mod:`raysweep.sweep.plots`
+and :mod:`raysweep.sweep.report_data` (its input); their names are re-exported here, where
+they lived before.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import re
 import sys
 from pathlib import Path
 
+from raysweep.sweep.plots import plot_mu_fe, plot_objective_history, plot_steps  # noqa: F401
 from raysweep.sweep.report import (  # noqa: F401 - the names of the old module path
-    CORE, FILES, METRIC_ORDER, NON_SET_PREFIXES, ReportError, SweepData, TrialData, from_summaries,
-    load_experiment, load_mlflow, markdown, pareto_points, plot_mu_fe, plot_objective_history, plot_steps,
-    report_sweep, set_columns, write_report,
+    FILES, METRIC_ORDER, NON_SET_PREFIXES, markdown, report_sweep, set_columns, write_report,
+)
+from raysweep.sweep.report_data import (  # noqa: F401
+    CORE, ReportError, SweepData, TrialData, from_summaries, load_experiment, load_mlflow, pareto_points,
 )
 
 

@@ -55,15 +55,15 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from raysweep.config import SweepConfig, fail, load_or_exit
+from raysweep.config import SweepConfig, load_or_exit
 from raysweep.sweep.cluster import preflight, start_ray
 from raysweep.sweep.mlflow_store import resolve_tracking_uri
 from raysweep.sweep.results import ERRORED, FINISHED
-from raysweep.sweep.space import SpaceBuilder, trial_dirname  # noqa: F401 - pickled as raysweep.tune.*
+from raysweep.sweep.space import SpaceBuilder, check_scheduler, trial_dirname  # noqa: F401 - pickled here
 from raysweep.sweep.storage import read_json, write_json
 from raysweep.sweep.summary import best_lines, best_record, results_table, summarize, write_results
 from raysweep.sweep.tracking import open_tracker
-from raysweep.sweep.trial import WORKER_ENV, resolve_worker
+from raysweep.sweep.trial import WORKER_ENV, check_worker_env
 from raysweep.sweep.tuner import make_tuner
 
 # Names of this module before the sweep layer moved (Tune pickled SpaceBuilder and trial_dirname).
@@ -101,7 +101,6 @@ class Prepared:
 
     args: argparse.Namespace
     sweep: SweepConfig
-    space: SpaceBuilder
     storage: str
     name: str
     address: str | None
@@ -128,20 +127,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _check_before_ray(args: argparse.Namespace, sweep: SweepConfig, space: SpaceBuilder) -> None:
-    """Checks of values that only make sense together, and of ``$RAYSWEEP_WORKER``."""
-    sched = sweep.search.scheduler
-    if sched.type == "asha" and sched.grace_period > (sched.max_t or space.max_epochs()):
-        fail(args.space, "search.scheduler.grace_period",
-             f"{sched.grace_period} is larger than max_t ({sched.max_t or space.max_epochs()} epochs)")
-    worker = os.environ.get(WORKER_ENV)
-    try:
-        if worker:
-            resolve_worker(worker)  # fail now, not in every trial
-    except Exception as err:  # noqa: BLE001
-        fail(WORKER_ENV, "", f"cannot load worker {worker!r}: {err}")
-
-
 def _settle_config(args: argparse.Namespace, sweep: SweepConfig, experiment_path: str) -> SweepConfig:
     """The configuration the sweep runs with: on ``--resume`` the one it started with
     (``sweep.json``), else the validated one, saved there. Its tracking URI is made absolute:
@@ -165,7 +150,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     """Phase 1: everything that can fail before Ray starts (exit 2 with one line), then the
     embedded default built and the MLflow parent run opened."""
     sweep = load_or_exit(args.space, _overrides(args))
-    _check_before_ray(args, sweep, SpaceBuilder(sweep))
+    check_scheduler(sweep, args.space)
+    check_worker_env()
     storage, name, address = preflight(args, sweep)
     if not args.resume:
         from raysweep.scenarios import preflight_data
@@ -182,7 +168,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     tracker = open_tracker(sweep, f"{storage}/{name}", args.resume, flag_file="--mlflow-uri" if args.mlflow_uri
                            else None, space_file=args.space)
     print(f"MLflow: {tracker.url()}", flush=True)
-    return Prepared(args, sweep, SpaceBuilder(sweep), storage, name, address, tracker)
+    return Prepared(args, sweep, storage, name, address, tracker)
 
 
 def fit(p: Prepared) -> None:

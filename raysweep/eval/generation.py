@@ -45,6 +45,15 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _answer_tokens(row: list[int], budget: int, eos_ids: list[int]) -> list[int]:
+    """The generated ids of one example: within its budget, up to its first EOS."""
+    row = row[:budget]
+    for j, t in enumerate(row):
+        if t in eos_ids:
+            return row[:j]
+    return row
+
+
 @torch.no_grad()
 def generate_batched(
     model: Any,
@@ -117,15 +126,7 @@ def generate_batched(
                 synced_gpus=synced_gpus,
                 use_cache=True,
             )
-            new_tokens = gen[:, width:].tolist()
-            texts = []
-            for row, budget in zip(new_tokens, budgets):
-                row = row[:budget]
-                for j, t in enumerate(row):
-                    if t in eos_ids:
-                        row = row[:j]
-                        break
-                texts.append(row)
+            texts = [_answer_tokens(row, budget, eos_ids) for row, budget in zip(gen[:, width:].tolist(), budgets)]
             decoded = tokenizer.batch_decode(texts, skip_special_tokens=True)
             for i, text in zip(idx, decoded):
                 out[i] = text

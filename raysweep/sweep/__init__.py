@@ -6,8 +6,9 @@ reasons) · ``space`` (the Optuna search space, searcher, ASHA) · ``cluster`` (
 Ray start-up, trial fits) · ``summary`` (trials read back from Tune's experiment directory,
 ``best.json``, the results table) · ``mlflow_store`` (MLflow client and run helpers) ·
 ``generations`` (the generations tables logged by a trial's rank 0) · ``tracking`` (the parent
-run, the Tune callback) · ``trial`` (the Tune trainable and the Train worker) · ``report``
-(report.md and plots).
+run, the Tune callback) · ``trial`` (the Tune trainable and the Train worker) · ``tuner`` (the
+Tuner, new or restored) · ``report_data`` (a sweep's results read back for the report) ·
+``plots`` · ``report`` (report.md and the plots written).
 
 The CLI modules ``raysweep.tune`` and ``raysweep.report`` sit on top; the old module paths
 (``raysweep.tracking``, ``raysweep.trial``) re-export these names, because Tune pickles them

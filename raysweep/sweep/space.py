@@ -12,7 +12,7 @@ import math
 import warnings
 from typing import Any
 
-from raysweep.config import ExperimentConfig, Range, SweepConfig
+from raysweep.config import ExperimentConfig, Range, SweepConfig, fail
 from raysweep.losses import parse_method
 from raysweep.sweep.results import GRID_KEY, INT_KEYS, PARAM_KEYS
 
@@ -231,6 +231,14 @@ def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
+
+
+def check_scheduler(sweep: SweepConfig, space_file: str) -> None:
+    """ASHA's grace period must fit in the epochs a trial can run (exit 2 naming the key)."""
+    sched, max_epochs = sweep.search.scheduler, SpaceBuilder(sweep).max_epochs()
+    if sched.type == "asha" and sched.grace_period > (sched.max_t or max_epochs):
+        fail(space_file, "search.scheduler.grace_period",
+             f"{sched.grace_period} is larger than max_t ({sched.max_t or max_epochs} epochs)")
 
 
 def build_reporter(sweep: SweepConfig, space: SpaceBuilder):

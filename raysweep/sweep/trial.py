@@ -220,6 +220,18 @@ def resolve_worker(spec: str) -> Callable:
     return getattr(module, attr)
 
 
+def check_worker_env() -> None:
+    """``$RAYSWEEP_WORKER``, if set, must load now (exit 2), not fail in every trial."""
+    from raysweep.config import fail
+
+    worker = os.environ.get(WORKER_ENV)
+    try:
+        if worker:
+            resolve_worker(worker)
+    except Exception as err:  # noqa: BLE001
+        fail(WORKER_ENV, "", f"cannot load worker {worker!r}: {err}")
+
+
 def _set_threads(cpus: float) -> None:
     threads = str(max(1, int(cpus)))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
