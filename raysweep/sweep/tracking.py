@@ -23,8 +23,8 @@ Who writes what (every writer goes through ``MlflowClient``; nothing here calls
   epoch's numeric metrics with ``step`` = the result's ``step`` (continual) or ``epoch``;
   ``on_trial_complete`` ends the run FINISHED (tag ``raysweep.early_stopped``) and
   ``on_trial_error`` FAILED (tag ``raysweep.error`` = the reason).
-* **The Train worker of rank 0** (:class:`GenerationLogger`, used by
-  ``raysweep.trial.RayReporter``) has the per-question samples the driver never sees: every
+* **The Train worker of rank 0** (:class:`raysweep.sweep.generations.GenerationLogger`, used by
+  ``raysweep.sweep.trial.RayReporter``) has the per-question samples the driver never sees: every
   epoch, before the metrics are reported (ASHA may stop the trial right after a report), it logs
   the table ``generations/epoch_NNN.json`` (``step_NNN`` in the continual scenario) with
   ``MlflowClient.log_table``: set, question, ground truth, generation and the per-sample metrics.
