@@ -58,7 +58,7 @@ from typing import Any
 from raysweep.config import SweepConfig, load_or_exit
 from raysweep.sweep.cluster import preflight, start_ray
 from raysweep.sweep.mlflow_store import resolve_tracking_uri
-from raysweep.sweep.results import ERRORED, FINISHED
+from raysweep.sweep.results import ERRORED, FINISHED, RUN_FAILED, RUN_KILLED
 from raysweep.sweep.space import SpaceBuilder, check_scheduler, trial_dirname  # noqa: F401 - pickled here
 from raysweep.sweep.storage import read_json, write_json
 from raysweep.sweep.summary import best_lines, best_record, results_table, summarize, write_results
@@ -165,8 +165,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
         # not need it.)
         ensure_embedded_for(sweep.experiment)
     sweep = _settle_config(args, sweep, f"{storage}/{name}")
-    tracker = open_tracker(sweep, f"{storage}/{name}", args.resume, flag_file="--mlflow-uri" if args.mlflow_uri
-                           else None, space_file=args.space)
+    flag_file = "--mlflow-uri" if args.mlflow_uri else None  # who an unusable store is blamed on
+    tracker = open_tracker(sweep, f"{storage}/{name}", args.resume, flag_file=flag_file, space_file=args.space)
     print(f"MLflow: {tracker.url()}", flush=True)
     return Prepared(args, sweep, storage, name, address, tracker)
 
@@ -189,7 +189,7 @@ def fit(p: Prepared) -> None:
         tuner.fit()
     except BaseException as err:
         # Nothing of this sweep stays RUNNING in MLflow (interrupted: KILLED, a crash: FAILED).
-        p.tracker.abort("FAILED" if isinstance(err, Exception) else "KILLED")
+        p.tracker.abort(RUN_FAILED if isinstance(err, Exception) else RUN_KILLED)
         raise
     finally:
         ray.shutdown()
@@ -215,8 +215,7 @@ def finish(p: Prepared) -> int:
     except Exception as err:  # noqa: BLE001 - the sweep's results are in; the report is extra
         print(f"warning: the report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
     unfinished = [s for s in summaries if s["status"] not in (FINISHED, ERRORED)]
-    p.tracker.finalize(summaries, record, [*tracked, *report_files],
-                       interrupted=bool(unfinished))
+    p.tracker.finalize(summaries, record, [*tracked, *report_files], interrupted=bool(unfinished))
     if unfinished:
         print(f"\nThe sweep was interrupted ({len(unfinished)} trial(s) unfinished). Resume with:\n  {p.resume_hint}",
               file=sys.stderr)

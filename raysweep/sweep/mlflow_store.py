@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from raysweep.sweep.results import TUNE_KEYS
+from raysweep.sweep.results import RUN_RUNNING, TUNE_KEYS
 from raysweep.sweep.storage import read_json
 
 RUN_FILE = "mlflow.json"  # <experiment dir>/mlflow.json: tracking URI, experiment id, parent run id
@@ -262,8 +262,8 @@ def ensure_child_run(client: Any, experiment_id: str, parent_id: str, trial_id: 
     """The trial's child run, created (with its params) if it does not exist yet; ``(run, created)``."""
     run = find_child(client, experiment_id, parent_id, trial_id)
     if run is not None:
-        if running and run.info.status != "RUNNING":
-            retrying(client.update_run, run.info.run_id, "RUNNING")
+        if running and run.info.status != RUN_RUNNING:
+            retrying(client.update_run, run.info.run_id, RUN_RUNNING)
         return run, False
     method = params.get("method")
     tags = {TAG_PARENT: parent_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, TypeVar
 
-# Tune's trial statuses we act on, and the MLflow run status of each.
+# Tune's trial statuses we act on; MLflow's run statuses; the run status of each trial status.
 FINISHED, ERRORED = "TERMINATED", "ERROR"
-TUNE_TO_MLFLOW = {FINISHED: "FINISHED", ERRORED: "FAILED"}
+RUN_RUNNING, RUN_FINISHED, RUN_FAILED, RUN_KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+TUNE_TO_MLFLOW = {FINISHED: RUN_FINISHED, ERRORED: RUN_FAILED}
 MLFLOW_TO_TUNE = {v: k for k, v in TUNE_TO_MLFLOW.items()}
 
 # Tune's bookkeeping keys of a result: not metrics of the trial (``config/*`` neither).

@@ -57,7 +57,8 @@ from raysweep.sweep.mlflow_store import (
     resolve_tracking_uri, retrying, search_all, sweep_params, tag_value, warn,
 )
 from raysweep.sweep.results import (
-    ERRORED, FINISHED, TUNE_TO_MLFLOW, early_stopped, error_reason, result_step, sampled_params,
+    ERRORED, FINISHED, RUN_FAILED, RUN_FINISHED, RUN_KILLED, RUN_RUNNING, TUNE_TO_MLFLOW, early_stopped,
+    error_reason, result_step, sampled_params,
 )
 from raysweep.sweep.storage import read_text, write_json
 
@@ -110,8 +111,8 @@ class SweepTracker:
         reused = parent is not None
         if parent is not None:
             experiment_id = parent.info.experiment_id
-            if parent.info.status != "RUNNING":
-                retrying(client.update_run, parent.info.run_id, "RUNNING")
+            if parent.info.status != RUN_RUNNING:
+                retrying(client.update_run, parent.info.run_id, RUN_RUNNING)
         else:
             experiment_id = get_or_create_experiment(client, tracking.experiment, uri)
             commit, _ = git_commit()
@@ -157,8 +158,8 @@ class SweepTracker:
                 warn(f"trial {summary.get('trial_id')}: {type(err).__name__}: {err}")
         try:  # anything else left RUNNING (e.g. a trial Tune no longer lists)
             for run in child_runs(client, self.experiment_id, self.parent_run_id):
-                if run.info.status == "RUNNING":
-                    retrying(client.set_terminated, run.info.run_id, "KILLED")
+                if run.info.status == RUN_RUNNING:
+                    retrying(client.set_terminated, run.info.run_id, RUN_KILLED)
         except Exception as err:  # noqa: BLE001
             warn(f"sweeping leftover runs: {err}")
         parent = self.parent_run_id
@@ -195,7 +196,7 @@ class SweepTracker:
                              None if path.suffix == ".json" else "report")
             except Exception as err:  # noqa: BLE001
                 warn(f"artifact {file}: {err}")
-        status = "KILLED" if interrupted else ("FINISHED" if record is not None else "FAILED")
+        status = RUN_KILLED if interrupted else (RUN_FINISHED if record is not None else RUN_FAILED)
         try:
             retrying(client.set_terminated, parent, status)
         except Exception as err:  # noqa: BLE001
@@ -223,16 +224,16 @@ class SweepTracker:
             retrying(client.set_tag, run_id, TAG_EARLY, str(bool(summary.get("early_stopped"))).lower())
             if TAG_ERROR in run.data.tags:
                 retrying(client.delete_tag, run_id, TAG_ERROR)
-            if run.info.status != "FINISHED":
-                retrying(client.set_terminated, run_id, "FINISHED")
+            if run.info.status != RUN_FINISHED:
+                retrying(client.set_terminated, run_id, RUN_FINISHED)
         elif status == ERRORED:
             retrying(client.set_tag, run_id, TAG_ERROR, tag_value(summary.get("error") or "errored"))
-            if run.info.status != "FAILED":
-                retrying(client.set_terminated, run_id, "FAILED")
-        elif run.info.status == "RUNNING":
-            retrying(client.set_terminated, run_id, "KILLED")
+            if run.info.status != RUN_FAILED:
+                retrying(client.set_terminated, run_id, RUN_FAILED)
+        elif run.info.status == RUN_RUNNING:
+            retrying(client.set_terminated, run_id, RUN_KILLED)
 
-    def abort(self, status: str = "FAILED") -> None:
+    def abort(self, status: str = RUN_FAILED) -> None:
         """The driver is going down with an exception: nothing of this sweep stays RUNNING.
 
         A parent run this process created and no trial ever reached (e.g. Ray could not start)
@@ -245,8 +246,8 @@ class SweepTracker:
                 client.delete_run(self.parent_run_id)
                 return
             for run in children:
-                if run.info.status == "RUNNING":
-                    client.set_terminated(run.info.run_id, "KILLED")
+                if run.info.status == RUN_RUNNING:
+                    client.set_terminated(run.info.run_id, RUN_KILLED)
             client.set_terminated(self.parent_run_id, status)
         except Exception as err:  # noqa: BLE001
             warn(f"abort: {err}")
@@ -267,7 +268,7 @@ class NoTracker:
     def finalize(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def abort(self, status: str = "FAILED") -> None:  # noqa: ARG002
+    def abort(self, status: str = RUN_FAILED) -> None:  # noqa: ARG002
         return None
 
 
@@ -374,7 +375,7 @@ class TrackingCallback(_TuneCallback):
             early = early_stopped(FINISHED, planned, trial.last_result)
             retrying(client.set_tag, run_id, TAG_EARLY, str(bool(early)).lower())
             retrying(client.set_tag, run_id, TAG_STATUS, FINISHED)
-            retrying(client.set_terminated, run_id, "FINISHED")
+            retrying(client.set_terminated, run_id, RUN_FINISHED)
 
         self._guard(f"trial {trial.trial_id} end", complete)
 
@@ -389,7 +390,7 @@ class TrackingCallback(_TuneCallback):
                 pass
             retrying(client.set_tag, run_id, TAG_ERROR, tag_value(reason or "errored"))
             retrying(client.set_tag, run_id, TAG_STATUS, ERRORED)
-            retrying(client.set_terminated, run_id, "FAILED")
+            retrying(client.set_terminated, run_id, RUN_FAILED)
 
         self._guard(f"trial {trial.trial_id} error", error)
 
