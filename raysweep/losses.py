@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from raysweep.data.formatting import IGNORE_INDEX  # the one definition (label ignored by the loss)
+
 ME_DIVERGENCES = ("code", "paper")
 PROTOCOLS = ("raysweep", "seed")
 # Reference log-prob keys: batch part -> name in the ``ref_logps`` dict.
@@ -473,6 +474,7 @@ class LossSpec:
     batch_keys: tuple[str, ...]
     ref_logp_keys: tuple[str, ...] = ()
     needs_ref_model: bool = False
+    uses_beta: bool = False  # the loss reads ``LossParams.beta`` (so the sweep searches β)
 
     @property
     def needs_ref_logps(self) -> bool:
@@ -492,6 +494,7 @@ FORGET_LOSSES: dict[str, LossSpec] = {
         lambda s: npo_loss(s.nll("forget"), s.ref_nll("forget"), s.params.beta),
         ("forget",),
         ref_logp_keys=("forget",),
+        uses_beta=True,
     ),
     "DPO": LossSpec(
         "DPO",
@@ -505,6 +508,7 @@ FORGET_LOSSES: dict[str, LossSpec] = {
         ),
         ("forget", "forget_idk"),
         ref_logp_keys=("forget", "forget_idk"),
+        uses_beta=True,
     ),
     "IDK": LossSpec(
         "IDK",
@@ -536,6 +540,7 @@ REGULARIZERS: dict[str, LossSpec] = {
         ap_loss,
         lambda s: ap_loss(s.nll("retain_idk"), s.nll("retain"), s.params.beta),
         ("retain", "retain_idk"),
+        uses_beta=True,
     ),
 }
 
@@ -553,6 +558,11 @@ METHODS: tuple[str, ...] = (
     "ME+KL",
     "DPO+AP",
 )
+
+# The paper's default hyperparameters (Yuan et al., Appendix), the first points a sweep tries
+# (``search.enqueue_defaults``); a method's own entry overrides the common ones.
+PAPER_DEFAULTS: dict[str, float] = {"forget_coeff": 1.0, "reg_coeff": 1.0, "beta": 0.1}
+PAPER_METHOD_DEFAULTS: dict[str, dict[str, float]] = {"ME+GD": {"forget_coeff": 0.1}}
 
 
 @dataclass(frozen=True)
@@ -587,6 +597,16 @@ class Method:
     def needs_ref_model(self) -> bool:
         """KL: a frozen reference model during training (per-token distributions)."""
         return any(s.needs_ref_model for s in self._specs)
+
+    @property
+    def uses_beta(self) -> bool:
+        """β matters only for the NPO / DPO forget losses and the AP regularizer."""
+        return any(s.uses_beta for s in self._specs)
+
+    @property
+    def paper_defaults(self) -> dict[str, float]:
+        """The paper's default ``forget_coeff``, ``reg_coeff`` and ``beta`` of this method."""
+        return {**PAPER_DEFAULTS, **PAPER_METHOD_DEFAULTS.get(self.name, {})}
 
     @property
     def batch_keys(self) -> tuple[str, ...]:

@@ -340,29 +340,15 @@ def _train_parallel(spec: TinyModelSpec, tok_dir: str, jobs: dict[str, Sequence[
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, questions: Sequence[str], template: str = "plain", batch_size: int = 64,
                     max_new_tokens: int = 96) -> list[str]:
-    """Greedy answers to ``questions`` (batched, left padding, prompts sorted by length)."""
-    was_training = model.training
-    model.eval()
+    """Greedy answers to ``questions`` (``raysweep.eval.generation.generate_batched`` on the
+    prompts' token ids, ``max_new_tokens`` each), stripped."""
+    from raysweep.eval.generation import generate_batched
+
     prompts = [encode_prompt(tokenizer, q, template) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = pad_batch([{"input_ids": prompts[i]} for i in idx], pad_id, side="left")
-        gen = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = gen[:, batch["input_ids"].shape[1]:]
-        for i, row in zip(idx, new):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    model.train(was_training)
-    return out
+    if not prompts:
+        return []
+    return [text.strip() for text in generate_batched(model, tokenizer, prompts, batch_size,
+                                                       max_new_tokens=max_new_tokens)]
 
 
 def greedy_recall(model, tokenizer, records: Sequence[QARecord], template: str = "plain", batch_size: int = 64,

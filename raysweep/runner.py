@@ -9,6 +9,7 @@ last report's metrics (``downstream/<task>``; optionally folded into the objecti
 from __future__ import annotations
 
 from raysweep.config import ExperimentConfig
+from raysweep.eval.metrics import objective
 from raysweep.train import EpochReport, Reporter, RunResult, run_unlearning
 
 
@@ -34,8 +35,7 @@ def run_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None, *, u
     last = held.pop()
     last.metrics.update(scores)
     if cfg.eval.objective_includes_downstream:
-        values = [last.metrics["MU"], last.metrics["FE"], *scores.values()]
-        last.metrics["objective"] = sum(values) / len(values)
+        last.metrics["objective"] = objective(last.metrics["MU"], last.metrics["FE"], *scores.values())
     if result.history:
         result.history[-1].update(last.metrics)
     if reporter is not None:

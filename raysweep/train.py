@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from raysweep.config import ExperimentConfig
 from raysweep.data.unlearn_dataset import UnlearnDataset, collate_unlearn
+from raysweep.eval.metrics import objective as objective_of
 from raysweep.losses import LossParams, collect_reference_logps, compute_loss, parse_method
 from raysweep.models import AdapterDisabled, apply_lora, load_model, load_tokenizer
 from raysweep.scenarios import Resolved, RunData, load_run_data, resolve
@@ -530,7 +531,7 @@ def run_unlearning(
         if use_ds:
             metrics["train/zero_stage"] = float(engine.zero_optimization_stage())
         if "objective" not in metrics and "MU" in metrics and "FE" in metrics:
-            metrics["objective"] = (metrics["MU"] + metrics["FE"]) / 2
+            metrics["objective"] = objective_of(metrics["MU"], metrics["FE"])
 
         checkpoint = None
         objective = metrics.get("objective", -math.inf)

@@ -265,14 +265,16 @@ def test_dry_run_on_a_gpu_cluster_checks_a_worker_and_estimates_gpu_hours(tmp_pa
 def test_bootstrap_node_types_from_the_cluster_config(tmp_path, monkeypatch):
     """`ray start --autoscaling-config` reports no node types to the GCS: the driver reads them from
     the config file beside it (cluster-local.yaml here, ~/ray_bootstrap_config.yaml on a head)."""
-    monkeypatch.setenv(plan.AUTOSCALING_CONFIG_ENV, str(REPO / "cluster-local.yaml"))
-    assert plan.bootstrap_node_types() == [({"CPU": 1, "object_store_memory": 104857600}, 2)]
+    from raysweep.sweep import cluster
+
+    monkeypatch.setenv(cluster.AUTOSCALING_CONFIG_ENV, str(REPO / "cluster-local.yaml"))
+    assert cluster.bootstrap_node_types() == [({"CPU": 1, "object_store_memory": 104857600}, 2)]
     from raysweep.config import ResourcesConfig
     from raysweep.tune import trial_fits
 
-    assert trial_fits(ResourcesConfig(num_workers=1, cpus_per_worker=1), plan.bootstrap_node_types())
-    assert not trial_fits(ResourcesConfig(num_workers=1, use_gpu=True), plan.bootstrap_node_types())
-    monkeypatch.setenv(plan.AUTOSCALING_CONFIG_ENV, str(REPO / "cluster.yaml"))
-    assert plan.bootstrap_node_types() == [({"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, 4)]
-    monkeypatch.setenv(plan.AUTOSCALING_CONFIG_ENV, str(tmp_path / "absent.yaml"))
-    assert plan.bootstrap_node_types() == []
+    assert trial_fits(ResourcesConfig(num_workers=1, cpus_per_worker=1), cluster.bootstrap_node_types())
+    assert not trial_fits(ResourcesConfig(num_workers=1, use_gpu=True), cluster.bootstrap_node_types())
+    monkeypatch.setenv(cluster.AUTOSCALING_CONFIG_ENV, str(REPO / "cluster.yaml"))
+    assert cluster.bootstrap_node_types() == [({"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}, 4)]
+    monkeypatch.setenv(cluster.AUTOSCALING_CONFIG_ENV, str(tmp_path / "absent.yaml"))
+    assert cluster.bootstrap_node_types() == []

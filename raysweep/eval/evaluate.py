@@ -46,6 +46,7 @@ from raysweep.eval.metrics import (
     model_utility,
     multiple_choice_probability,
     normalized_probability,
+    objective,
     rouge_l_recall,
     token_entropy,
     truth_ratio,
@@ -313,7 +314,7 @@ class Evaluator:
             raise ValueError("evaluation needs at least one forget set and one non-forget set")
         out["MU"] = model_utility(utility)
         out["FE"] = forget_efficacy(forget_values)
-        out["objective"] = (out["MU"] + out["FE"]) / 2
+        out["objective"] = objective(out["MU"], out["FE"])
         for metric in self.dropped:
             out[f"eval/{metric}_dropped"] = 1.0
         if self.retain_truth_ratios is not None:

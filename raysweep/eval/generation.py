@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+from raysweep.data.formatting import pad_batch
+
 __all__ = ["generate_batched", "model_device", "eos_token_ids"]
 
 
@@ -43,23 +45,37 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _answer_tokens(row: list[int], budget: int, eos_ids: list[int]) -> list[int]:
+    """The generated ids of one example: within its budget, up to its first EOS."""
+    row = row[:budget]
+    for j, t in enumerate(row):
+        if t in eos_ids:
+            return row[:j]
+    return row
+
+
 @torch.no_grad()
 def generate_batched(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     batch_size: int,
     max_length: int = 200,
     synced_gpus: bool = False,
     add_special_tokens: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[str]:
     """Greedy answers to ``prompts`` (in order), decoded with ``skip_special_tokens=True``.
+
+    ``prompts``: texts (tokenized here, ``add_special_tokens``) or token ids already encoded
+    (``raysweep.data.formatting.encode_prompt``).
 
     * left padding; the pad id is the tokenizer's pad token, or EOS when it has none (the
       tokenizer itself is not modified: padding is done here, and its ``padding_side`` is
       restored even on error);
     * each example gets at most ``max_length - len(prompt tokens)`` new tokens (empty string
-      when its prompt is already ``>= max_length``); generation stops at any EOS id;
+      when its prompt is already ``>= max_length``), or ``max_new_tokens`` each when given;
+      generation stops at any EOS id;
     * ``synced_gpus=True`` (DeepSpeed ZeRO-3 across ranks): every rank must call this with the
       same number of batches (same ``len(prompts)`` and ``batch_size``) — a batch is never
       skipped on that path.
@@ -80,9 +96,10 @@ def generate_batched(
     was_training = model.training
     try:
         tokenizer.padding_side = "left"
-        encoded = tokenizer(prompts, add_special_tokens=add_special_tokens, padding=False)[
-            "input_ids"
-        ]
+        if isinstance(prompts[0], str):
+            encoded = tokenizer(prompts, add_special_tokens=add_special_tokens, padding=False)["input_ids"]
+        else:
+            encoded = [list(p) for p in prompts]
         model.eval()
         device = model_device(model)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -90,22 +107,17 @@ def generate_batched(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             seqs = [list(encoded[i]) for i in idx]
-            budgets = [max(0, max_length - len(s)) for s in seqs]
+            budgets = [max_new_tokens if max_new_tokens is not None else max(0, max_length - len(s)) for s in seqs]
             max_new = max(budgets)
             if max_new == 0:
                 if not synced_gpus:
                     continue  # every prompt already fills max_length: empty answers
                 max_new = 1  # keep the collective generate() calls aligned across ranks
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                if s:
-                    input_ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-                    attention_mask[r, width - len(s) :] = 1
+            batch = pad_batch([{"input_ids": s} for s in seqs], pad_id, side="left")
+            width = batch["input_ids"].shape[1]
             gen = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new,
                 do_sample=False,
                 num_beams=1,
@@ -114,15 +126,7 @@ def generate_batched(
                 synced_gpus=synced_gpus,
                 use_cache=True,
             )
-            new_tokens = gen[:, width:].tolist()
-            texts = []
-            for row, budget in zip(new_tokens, budgets):
-                row = row[:budget]
-                for j, t in enumerate(row):
-                    if t in eos_ids:
-                        row = row[:j]
-                        break
-                texts.append(row)
+            texts = [_answer_tokens(row, budget, eos_ids) for row, budget in zip(gen[:, width:].tolist(), budgets)]
             decoded = tokenizer.batch_decode(texts, skip_special_tokens=True)
             for i, text in zip(idx, decoded):
                 out[i] = text

@@ -14,11 +14,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from raysweep.data.formatting import IGNORE_INDEX, pad_batch
 from raysweep.eval.generation import model_device
 
-__all__ = ["AnswerNLL", "answer_nlls", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
+__all__ = ["AnswerNLL", "answer_nlls", "IGNORE_INDEX"]  # IGNORE_INDEX: raysweep.data.formatting's
 
 
 class AnswerNLL(NamedTuple):
@@ -76,19 +75,11 @@ def answer_nlls(
         results: list[AnswerNLL | None] = [None] * len(parsed)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(parsed[i][0]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids, labs = parsed[i]
-                input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                labels[r, : len(labs)] = torch.tensor(labs, dtype=torch.long)
-                attention_mask[r, : len(ids)] = 1
+            batch = pad_batch([{"input_ids": parsed[i][0], "labels": parsed[i][1]} for i in idx], pad_id)
             logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
-            shift_labels = labels[:, 1:].to(logits.device)
+            shift_labels = batch["labels"][:, 1:].to(logits.device)
             mask = shift_labels != IGNORE_INDEX
             # only the label positions are upcast to float32 (answers are a fraction of tokens)
             token_nll = F.cross_entropy(

@@ -166,6 +166,16 @@ def forget_efficacy(values: Sequence[float]) -> float:
     return float(1.0 - v.mean())
 
 
+def objective(mu: float, fe: float, *extra: float) -> float:
+    """The sweep's objective, maximised: ``(MU + FE) / 2``.
+
+    ``extra`` scores (the downstream tasks with ``eval.objective_includes_downstream``) join the
+    mean: ``(MU + FE + d_1 + … + d_k) / (2 + k)``.
+    """
+    values = [float(mu), float(fe), *(float(x) for x in extra)]
+    return sum(values) / len(values)
+
+
 def cosine_score(a_emb: Any, b_emb: Any) -> float | list[float]:
     """``max(0, cos(a, b))`` per pair.
 

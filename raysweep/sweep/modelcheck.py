@@ -183,7 +183,8 @@ def check_on_worker(sweep: Any, address: str, timeout_s: float | None = None) ->
     ``address`` (connects and disconnects). A task no node takes within ``timeout_s`` is a problem."""
     import ray
 
-    from raysweep.trial import FORWARDED_ENV_PREFIX, worker_resources
+    from raysweep.sweep.cluster import worker_resources
+    from raysweep.sweep.trial import FORWARDED_ENV_PREFIX
 
     res = sweep.search.resources
     bundle = worker_resources(res.cpus_per_worker, res.use_gpu, res.gpus_per_worker)
@@ -197,7 +198,7 @@ def check_on_worker(sweep: Any, address: str, timeout_s: float | None = None) ->
     )
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
-        from raysweep.tune import _autoscaler_node_types, trial_fits
+        from raysweep.sweep.cluster import _autoscaler_node_types, trial_fits
 
         nodes = [(dict(n.get("Resources") or {}), 1) for n in ray.nodes() if n.get("Alive")]
         if not trial_fits(res, nodes + _autoscaler_node_types()):

@@ -158,7 +158,7 @@ def _epoch_options(value: Any, default: int) -> list[int]:
 def trial_epoch_plan(sweep: Any, rng: random.Random) -> list[int]:
     """Each trial's ``epochs`` in start order: the enqueued paper defaults, then random draws
     (TPE's start-up; later TPE proposals are not modelled); for a grid, its points."""
-    from raysweep.tune import SpaceBuilder
+    from raysweep.sweep.space import SpaceBuilder
 
     space = SpaceBuilder(sweep)
     search = sweep.search
@@ -184,7 +184,7 @@ def simulate(sweep: Any, concurrent: int, setup: float, epoch: float, seed: int,
 
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from raysweep.tune import SpaceBuilder
+    from raysweep.sweep.space import SpaceBuilder
 
     rng = random.Random(seed)
     sched = sweep.search.scheduler
@@ -251,41 +251,18 @@ def estimate(sweep: Any, concurrent: int, runs: int = SIMULATIONS) -> Estimate:
 
 def _max_t(sweep: Any) -> int:
     """ASHA's ``max_t``: ``scheduler.max_t`` or the largest epochs of the space."""
-    from raysweep.tune import SpaceBuilder
+    from raysweep.sweep.space import SpaceBuilder
 
     return sweep.search.scheduler.max_t or SpaceBuilder(sweep).max_epochs()
 
 
 # ----------------------------------------------------------------------------- capacity
 
-AUTOSCALING_CONFIG_ENV = "RAYSWEEP_AUTOSCALING_CONFIG"
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster config on the head
-
-
-def bootstrap_node_types() -> list[tuple[dict[str, float], int]]:
-    """Worker node types of the autoscaling config this driver runs beside: ``$RAYSWEEP_AUTOSCALING_CONFIG``,
-    else ``~/ray_bootstrap_config.yaml`` (on a ``ray up`` head). ``(resources, max_workers)`` pairs;
-    empty when there is no such file. Ray's GCS holds the autoscaler's node types only when some
-    component reports them (``state.get_cluster_config()``); a ``ray start --autoscaling-config``
-    head with the standard autoscaler does not, so the file is the source the driver can read."""
-    import yaml
-
-    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
-    try:
-        config = yaml.safe_load(path.read_text())  # JSON (the bootstrap file) is YAML too
-        types = config["available_node_types"]
-        head = config.get("head_node_type")
-        default_max = int(config.get("max_workers", 0))
-        return [(dict((t.get("resources") or {})), int(t.get("max_workers", default_max)))
-                for name, t in types.items() if name != head]
-    except (OSError, TypeError, KeyError, ValueError, AttributeError, yaml.YAMLError):
-        return []
-
 
 
 def local_capacity(sweep: Any) -> tuple[int, str]:
     """Trials at once on this machine (as ``start_ray`` computes it) and a description."""
-    from raysweep.tune import _cpu_count, _gpu_count
+    from raysweep.sweep.cluster import _cpu_count, _gpu_count
 
     res = sweep.search.resources
     cpus = int(os.environ.get("RAYSWEEP_NUM_CPUS") or _cpu_count())
@@ -303,7 +280,7 @@ def cluster_capacity(sweep: Any, address: str) -> tuple[int, str]:
     capped by its ``trial_driver`` slots). Exits 2 via ``start_ray`` when a trial can never fit."""
     import ray
 
-    from raysweep.tune import TRIAL_DRIVER, _autoscaler_node_types, start_ray, worker_bundle
+    from raysweep.sweep.cluster import TRIAL_DRIVER, _autoscaler_node_types, start_ray, worker_bundle
 
     start_ray(sweep, address)  # the same checks a real run makes: trial_driver slots, fit
     try:
@@ -350,7 +327,7 @@ def _range_text(value: Any) -> str:
 
 
 def describe(sweep: Any) -> list[str]:
-    from raysweep.tune import SpaceBuilder, num_samples
+    from raysweep.sweep.space import SpaceBuilder, num_samples
 
     space = SpaceBuilder(sweep)
     search = sweep.search
@@ -375,8 +352,8 @@ def describe(sweep: Any) -> list[str]:
 def dry_run(sweep: Any, space_file: str | Path, storage: str, name: str, address: str | None) -> int:
     """Print the plan; exit 2 (one line) on a failed check; return 0 when a real run would start."""
     from raysweep.config import fail
-    from raysweep.tracking import resolve_tracking_uri
-    from raysweep.tune import worker_bundle
+    from raysweep.sweep.mlflow_store import resolve_tracking_uri
+    from raysweep.sweep.cluster import worker_bundle
 
     problem = check_storage(storage)
     if problem:

@@ -1,0 +1,288 @@
+"""The search: Optuna's define-by-run space (:class:`SpaceBuilder`), the searcher, ASHA, Tune's
+``param_space`` for grids, the progress table's columns and the trial directory names.
+
+The method facts (which methods use β, their paper defaults) come from the method spec in
+:mod:`raysweep.losses`, so a new loss needs no change here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any
+
+from raysweep.config import ExperimentConfig, Range, SweepConfig, fail
+from raysweep.losses import parse_method
+from raysweep.sweep.results import GRID_KEY, INT_KEYS, PARAM_KEYS
+
+# Columns of the progress table: config key / metric -> header.
+PARAMETER_COLUMNS = {"method": "method", "lr": "lr", "epochs": "epochs", "forget_coeff": "α", "beta": "β"}
+METRIC_COLUMNS = {"epoch": "epoch", "MU": "MU", "FE": "FE", "objective": "objective"}
+
+
+def uses_beta(method: str) -> bool:
+    """β matters only for NPO/DPO forget losses and the AP regularizer (``Method.uses_beta``)."""
+    return parse_method(method).uses_beta
+
+
+def _suggest(trial: Any, name: str, key: str, value: Range) -> Any:
+    kind = value.kind
+    if kind == "loguniform":
+        low, high = value.loguniform
+        out = trial.suggest_float(name, float(low), float(high), log=True)
+    elif kind == "uniform":
+        low, high = value.uniform
+        out = trial.suggest_float(name, float(low), float(high))
+    elif kind == "int":
+        low, high = value.int
+        out = trial.suggest_int(name, int(low), int(high))
+    else:
+        out = trial.suggest_categorical(name, list(value.choice))
+    if key in INT_KEYS:
+        out = int(round(out))
+    return out
+
+
+def _snap(value: Range, target: float) -> Any:
+    """``target`` moved into the range: clipped, rounded for ints, nearest for a choice list."""
+    kind = value.kind
+    if kind == "choice":
+        options = list(value.choice)
+        if target in options:
+            return target
+        numeric = [o for o in options if isinstance(o, (int, float)) and not isinstance(o, bool)]
+        if not numeric:
+            return options[0]
+        if target > 0 and all(o > 0 for o in numeric):
+            return min(numeric, key=lambda o: abs(math.log(o) - math.log(target)))
+        return min(numeric, key=lambda o: abs(o - target))
+    low, high = value.bounds()
+    clipped = min(max(target, low), high)
+    return int(round(clipped)) if kind == "int" else float(clipped)
+
+
+class SpaceBuilder:
+    """Optuna define-by-run space: ``method`` first, then that method's own parameters.
+
+    Optuna's parameter names are namespaced per method (``"ME+GD/lr"``) so that TPE models each
+    method's space separately; the returned dict also holds them flat (``lr``, ``epochs``, ...),
+    which is what the trial and the progress table read. β is sampled only for methods that use
+    it (NPO, DPO, AP): a GA trial's config has no ``beta``. A parameter given as a scalar is fixed;
+    one not given at all takes ``experiment.training``'s value (shown in the table, not searched).
+
+    Module-level and picklable: Tune saves it with the searcher state for ``--resume``.
+    """
+
+    def __init__(self, sweep: SweepConfig):
+        search, training = sweep.search, sweep.experiment.training
+        self.methods = list(search.methods)
+        self.spaces = {m: search.space_for(m) for m in self.methods}
+        self.training_values = {
+            "lr": training.lr,
+            "epochs": training.epochs,
+            "forget_coeff": training.forget_coeff,
+            "reg_coeff": training.reg_coeff,
+            "beta": training.beta,
+        }
+        # lr and epochs: the paper's values are the YAML's ``experiment.training`` ones.
+        self.paper_targets = {
+            "lr": training.lr,
+            "epochs": training.epochs,
+            "lora_r": training.lora.r if training.lora.enabled else 0,
+        }
+
+    @staticmethod
+    def param_name(method: str, key: str) -> str:
+        return f"{method}/{key}"
+
+    def keys_for(self, method: str) -> list[str]:
+        return [k for k in PARAM_KEYS if k != "beta" or uses_beta(method)]
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        method = trial.suggest_categorical("method", self.methods)
+        space = self.spaces[method]
+        out: dict[str, Any] = {"method": method}
+        for key in self.keys_for(method):
+            value = getattr(space, key)
+            if isinstance(value, Range):
+                out[key] = _suggest(trial, self.param_name(method, key), key, value)
+            elif (fixed := self._fixed(key, value)) is not None:
+                out[key] = fixed
+        return out
+
+    def _fixed(self, key: str, value: Any) -> Any:
+        """A key that is not searched: its scalar from the space, else ``experiment.training``'s
+        value (None when neither gives one)."""
+        if value is not None:
+            return int(value) if key in INT_KEYS else value
+        return self.training_values.get(key)
+
+    def default_points(self) -> list[dict[str, Any]]:
+        """The paper's defaults of each method, as Optuna parameters (for ``enqueue_trial``)."""
+        points = []
+        for method in self.methods:
+            targets = {**self.paper_targets, **parse_method(method).paper_defaults}
+            point: dict[str, Any] = {"method": method}
+            for key in self.keys_for(method):
+                value = getattr(self.spaces[method], key)
+                if isinstance(value, Range):
+                    point[self.param_name(method, key)] = _snap(value, targets[key])
+            points.append(point)
+        return points
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of each method's choice lists, as trial configs (``algorithm: grid``).
+
+        Scalars are fixed, unset keys take ``experiment.training``'s value, as in :meth:`__call__`;
+        the config validation guarantees no continuous range is left.
+        """
+        points = []
+        for method in self.methods:
+            keys, options = [], []
+            for key in self.keys_for(method):
+                value = getattr(self.spaces[method], key)
+                if isinstance(value, Range):
+                    values = [int(v) if key in INT_KEYS else v for v in value.choice]
+                elif (fixed := self._fixed(key, value)) is not None:
+                    values = [fixed]
+                else:
+                    continue
+                keys.append(key)
+                options.append(values)
+            for combo in itertools.product(*options):
+                points.append({"method": method, **dict(zip(keys, combo))})
+        return points
+
+    def max_epochs(self) -> int:
+        best = 1
+        for space in self.spaces.values():
+            value = space.epochs
+            if isinstance(value, Range):
+                best = max(best, int(value.bounds()[1]))
+            elif value is not None:
+                best = max(best, int(value))
+            else:
+                best = max(best, int(self.training_values["epochs"]))
+        return best
+
+
+def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
+    """``OptunaSearch`` (TPE seeded with ``search.seed``) wrapped in a ``ConcurrencyLimiter``;
+    for ``algorithm: grid``, Tune's ``BasicVariantGenerator`` over :meth:`SpaceBuilder.grid_points`."""
+    search = sweep.search
+    if search.algorithm == "grid":  # the points themselves are the param_space (param_space())
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=search.max_concurrent)
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # multivariate + group: TPE models each method's (conditional) parameters jointly;
+        # constant_liar: concurrent trials do not all pick the same point.
+        sampler = optuna.samplers.TPESampler(
+            seed=search.seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=search.startup_trials(),
+        )
+    if search.objective == "pareto":
+        metric, mode = ["MU", "FE"], ["max", "max"]
+    else:
+        metric, mode = "objective", "max"
+    searcher = OptunaSearch(
+        space=space,
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        points_to_evaluate=space.default_points() if search.enqueue_defaults else None,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def num_samples(sweep: SweepConfig) -> int:
+    """Trials to run: ``search.num_samples``; a grid runs each of its points once."""
+    return 1 if sweep.search.algorithm == "grid" else sweep.search.num_samples
+
+
+def param_space(sweep: SweepConfig, space: SpaceBuilder) -> dict[str, Any] | None:
+    """Tune's ``param_space``: none for Optuna (define-by-run); a grid search over whole trial
+    configs for ``algorithm: grid`` (each method has its own keys, so no per-key grid)."""
+    if sweep.search.algorithm != "grid":
+        return None
+    from ray import tune
+
+    return {GRID_KEY: tune.grid_search(space.grid_points())}
+
+
+def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
+    """ASHA on ``objective`` per reported epoch (also in Pareto mode: it needs one number)."""
+    sched = sweep.search.scheduler
+    if sched.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric="objective",
+        mode="max",
+        max_t=sched.max_t or space.max_epochs(),
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+    )
+
+
+def check_scheduler(sweep: SweepConfig, space_file: str) -> None:
+    """ASHA's grace period must fit in the epochs a trial can run (exit 2 naming the key)."""
+    sched, max_epochs = sweep.search.scheduler, SpaceBuilder(sweep).max_epochs()
+    if sched.type == "asha" and sched.grace_period > (sched.max_t or max_epochs):
+        fail(space_file, "search.scheduler.grace_period",
+             f"{sched.grace_period} is larger than max_t ({sched.max_t or max_epochs} epochs)")
+
+
+def build_reporter(sweep: SweepConfig, space: SpaceBuilder):
+    """Tune's progress table with our columns (needs ``RAY_AIR_NEW_OUTPUT=0``, set in main)."""
+    from ray import tune
+
+    params = dict(PARAMETER_COLUMNS)
+    for key, header in (("reg_coeff", "γ"), ("lora_r", "lora_r")):
+        if any(isinstance(getattr(s, key), Range) for s in space.spaces.values()):
+            params[key] = header
+    if sweep.search.algorithm == "grid":  # the values live under the grid point's key
+        params = {f"{GRID_KEY}/{key}": header for key, header in params.items()}
+    return tune.CLIReporter(parameter_columns=params, metric_columns=dict(METRIC_COLUMNS), max_report_frequency=10)
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial directory names (``run_trial_<id>``) instead of Tune's parameter strings."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+
+
+def trial_experiment(base: Any, params: dict[str, Any], output_dir: str | None = None):
+    """The trial's ``ExperimentConfig``: ``base`` with the sampled training values laid on top.
+
+    ``lora_r`` maps to ``training.lora`` (0 = full fine-tuning, > 0 = LoRA of that rank); the
+    result is re-validated, so a bad combination fails here with pydantic's message.
+    """
+    data = base.model_dump(mode="json") if hasattr(base, "model_dump") else dict(base)
+    training = dict(data.get("training") or {})
+    for key, value in params.items():
+        if key == "lora_r":
+            lora = dict(training.get("lora") or {})
+            r = int(value)
+            lora["enabled"] = r > 0
+            if r > 0:
+                lora["r"] = r
+            training["lora"] = lora
+        elif key == "epochs":
+            training["epochs"] = int(value)
+        else:
+            training[key] = value
+    if output_dir is not None:
+        training["output_dir"] = str(output_dir)
+    data["training"] = training
+    return ExperimentConfig.model_validate(data)
+
