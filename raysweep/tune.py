@@ -948,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         artifacts = [p for p in (f"{experiment_path}/best.json", f"{experiment_path}/trials.json") if Path(p).is_file()]
     tracker.finalize(summaries, record, [*artifacts, *report_files], interrupted=bool(unfinished))
+    from raysweep.sweep.mlflow_ui import announce  # the runs view's direct URL (+ its columns)
+    announce(tracker)
     if unfinished:
         print(f"\nThe sweep was interrupted ({len(unfinished)} trial(s) unfinished). Resume with:\n  {resume_hint}",
               file=sys.stderr)
