@@ -206,7 +206,7 @@ def _row(page, run_id: str):
 
 @pytest.mark.slow
 def test_a_person_opens_the_printed_url_sees_the_sweep_and_compares_two_trials(
-        ui_sweep, mlflow_server, browser, artifact_dir):
+        browser, ui_sweep, mlflow_server, artifact_dir):  # browser first: no chromium, skip before the server
     urls = URL_LINE.findall(ui_sweep.output)
     assert urls, "the sweep printed no MLflow runs-view URL:\n" + ui_sweep.output[-3000:]
     url = urls[-1].replace("http://127.0.0.1:5000", mlflow_server.base)
