@@ -62,6 +62,7 @@ from typing import Any
 from raysweep.config import SweepConfig, load_or_exit
 from raysweep.sweep.cluster import preflight, start_ray
 from raysweep.sweep.mlflow_store import resolve_tracking_uri
+from raysweep.sweep.mlflow_ui import announce
 from raysweep.sweep.results import ERRORED, FINISHED, RUN_FAILED, RUN_KILLED
 from raysweep.sweep.space import SpaceBuilder, check_scheduler, trial_dirname  # noqa: F401 - pickled here
 from raysweep.sweep.storage import read_json, write_json
@@ -231,6 +232,7 @@ def finish(p: Prepared) -> int:
         print(f"warning: the report could not be written: {type(err).__name__}: {err}", file=sys.stderr)
     unfinished = [s for s in summaries if s["status"] not in (FINISHED, ERRORED)]
     p.tracker.finalize(summaries, record, [*tracked, *report_files], interrupted=bool(unfinished))
+    announce(p.tracker)  # the MLflow runs view's direct URL (+ its columns)
     if unfinished:
         print(f"\nThe sweep was interrupted ({len(unfinished)} trial(s) unfinished). Resume with:\n  {p.resume_hint}",
               file=sys.stderr)
