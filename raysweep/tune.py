@@ -6,10 +6,6 @@
         [--storage DIR] [--name NAME] [--resume] [--address auto|HOST:PORT] [--mlflow-uri URI]
         [--dry-run] [--set KEY=VALUE ...]
 
-``--dry-run`` checks everything a real run would (data, models, storage, MLflow, the fit on the
-cluster), prints the plan and its estimated cost (:mod:`raysweep.sweep.plan`) and exits 0 when
-the sweep would start, 2 otherwise, without starting a trial.
-
 ``main`` runs three phases: :func:`prepare` (1), :func:`fit` (2, 3) and :func:`finish` (4).
 This module is the command only; the sweep's parts are in :mod:`raysweep.sweep`.
 
@@ -29,17 +25,12 @@ This module is the command only; the sweep's parts are in :mod:`raysweep.sweep`.
    experiment directory ``<storage>/<name>``, the report (``report.md``, ``mu_fe.png``,
    ``objective_history.png``, ``steps.png`` for continual sweeps; :mod:`raysweep.sweep.report`), and
    the MLflow runs closed. Exit 0 if at least one trial finished, 1 if all failed, 130 if the
-   sweep was interrupted (resume it with ``--resume``).
+   sweep was interrupted (resume it with ``--resume``). ``--dry-run`` stops after 1: it prints
+   the plan and its estimated cost (:mod:`raysweep.sweep.plan`) and exits 0 or 2.
 
 MLflow (:mod:`raysweep.sweep.tracking`): one parent run per sweep (created before Ray starts; an
-unusable store exits 2), one child run per trial (``TrackingCallback``), per-epoch
-generations tables logged by each trial's rank-0 worker. Tracking URI: ``--mlflow-uri`` >
-``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``, made absolute and
-saved in ``sweep.json``.
-
-Objective: ``objective = (MU + FE) / 2``, maximised. With ``search.objective: pareto`` Optuna
-optimises ``[MU, FE]`` (both maximised, multi-objective TPE) and the Pareto front of finished
-trials is reported; ASHA needs one number, so the scheduler still stops trials on ``objective``.
+unusable store exits 2), one child run per trial. Objective: ``(MU + FE) / 2``, maximised; with
+``search.objective: pareto`` Optuna optimises ``[MU, FE]`` and ASHA still stops on ``objective``.
 
 The experiment directory ``<storage>/<name>`` is described in :mod:`raysweep.sweep.summary`.
 On a multi-node cluster the storage must be shared by all nodes (NFS path or ``s3://...``).
