@@ -32,13 +32,12 @@ MLflow (:mod:`raysweep.sweep.tracking`): one parent run per sweep (created befor
 unusable store exits 2), one child run per trial. Objective: ``(MU + FE) / 2``, maximised; with
 ``search.objective: pareto`` Optuna optimises ``[MU, FE]`` and ASHA still stops on ``objective``.
 
-The experiment directory ``<storage>/<name>`` is described in :mod:`raysweep.sweep.summary`.
-On a multi-node cluster the storage must be shared by all nodes (NFS path or ``s3://...``).
+The experiment directory ``<storage>/<name>`` (:mod:`raysweep.sweep.summary`) must be shared by
+all nodes on a multi-node cluster (NFS path or ``s3://...``).
 
-Environment: ``RAYSWEEP_WORKER`` (the worker function, see :mod:`raysweep.sweep.trial`),
-``RAYSWEEP_NUM_CPUS`` / ``RAYSWEEP_OBJECT_STORE_MB`` (local Ray only; defaults: all CPUs,
-256 MB). Every ``RAYSWEEP_*`` variable of the driver (e.g. ``RAYSWEEP_CACHE``) is set in the
-Train workers too.
+Environment: ``RAYSWEEP_WORKER`` (the worker function, :mod:`raysweep.sweep.trial`),
+``RAYSWEEP_NUM_CPUS`` / ``RAYSWEEP_OBJECT_STORE_MB`` (local Ray only); every ``RAYSWEEP_*``
+variable of the driver (e.g. ``RAYSWEEP_CACHE``) is set in the Train workers too.
 """
 
 from __future__ import annotations
