@@ -11,9 +11,8 @@ This module is the command only; the sweep's parts are in :mod:`raysweep.sweep`.
 
 1. The YAML is validated completely (``raysweep.config.load_or_exit``; ``--num-samples``,
    ``--max-concurrent`` and ``--mlflow-uri`` are applied as ``--set`` overrides), then the
-   machine-dependent checks run (:func:`raysweep.sweep.cluster.preflight`: storage writable, experiment to resume
-   exists, GPUs present, a trial fits the machine). Any problem: one line on stderr naming the
-   file (or flag) and key, exit code 2, and Ray was never started.
+   machine-dependent checks (:func:`raysweep.sweep.cluster.preflight`) and the data and model
+   checks. Any problem: one line on stderr naming the file (or flag) and key, exit 2, no Ray.
 2. Ray: a local instance (``resources={"trial_driver": K}``) or, with ``--address`` /
    ``RAY_ADDRESS``, an existing cluster whose nodes declare the ``trial_driver`` resource.
 3. Tune: ``OptunaSearch`` (TPE, seeded) over a define-by-run space
