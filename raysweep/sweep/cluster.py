@@ -42,14 +42,15 @@ def _gpu_count() -> int:
         return 0
 
 
-def _writable(directory: Path) -> str | None:
-    """None if ``directory`` can be created and written, else why not."""
+def writable(directory: Path, what: str = "storage directory", create: bool = True) -> str | None:
+    """None if ``directory`` can be (created and) written, else why not, naming it as ``what``."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".raysweep-write-test-"):
             pass
     except OSError as err:
-        return f"storage directory {str(directory)!r} is not writable ({err.strerror or err})"
+        return f"{what} {str(directory)!r} is not writable ({err.strerror or err})"
     return None
 
 
@@ -75,7 +76,7 @@ def resolve_storage(flag: str | None, configured: str | None, space_file: str) -
         storage = storage_raw.rstrip("/")
     else:
         storage = str(Path(storage_raw).expanduser().resolve())
-        why = _writable(Path(storage))
+        why = writable(Path(storage))
         if why:
             fail(storage_file, storage_key, why)
     return storage

@@ -23,7 +23,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -75,13 +74,9 @@ class Estimate:
 def check_storage(storage: str) -> str | None:
     """None if a probe file can be written and deleted under ``storage`` (local path or URI)."""
     if "://" not in storage:
-        try:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=storage, prefix=".raysweep-dry-run-"):
-                pass
-        except OSError as err:
-            return f"storage {storage!r} is not writable ({err.strerror or err})"
-        return None
+        from raysweep.sweep.cluster import writable
+
+        return writable(Path(storage))
     try:
         import pyarrow.fs
 
@@ -123,12 +118,9 @@ def check_mlflow(uri: str) -> str | None:
             directory = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
         while not directory.exists() and directory != directory.parent:
             directory = directory.parent  # MLflow creates the missing part
-        try:
-            with tempfile.NamedTemporaryFile(dir=directory, prefix=".raysweep-dry-run-"):
-                pass
-        except OSError as err:
-            return f"MLflow store {uri}: directory {str(directory)!r} is not writable ({err.strerror or err})"
-        return None
+        from raysweep.sweep.cluster import writable
+
+        return writable(directory, f"MLflow store {uri}: directory", create=False)
     try:
         from mlflow.tracking import MlflowClient
 
