@@ -76,3 +76,47 @@ def embedded(embedded_specs, raysweep_cache):
 
     return ensure_embedded(embedded_specs.synthetic, embedded_specs.model, cache_dir=raysweep_cache,
                            log=lambda msg: None)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a gloo / DeepSpeed rendezvous), instead of a fixed
+    one that a parallel session or a leftover process may hold."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _git_status(root) -> str | None:
+    """``git status --porcelain`` of the checkout holding ``root``; None when it is not one."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_unchanged():
+    """The suite leaves the checkout as it found it: no ``mlflow.db``, ``ray_results/``,
+    ``report.md``… written into the repository (every sweep runs in a tmp directory).
+
+    Recorded at session start, compared at its end (an error at teardown of the last test);
+    nothing is checked when the tree is not a git checkout. ``RAYSWEEP_SKIP_CHECKOUT_CHECK=1``
+    turns it off while editing files during a run."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    before = None if os.environ.get("RAYSWEEP_SKIP_CHECKOUT_CHECK") else _git_status(root)
+    yield
+    if before is None:
+        return
+    after = _git_status(root)
+    if after is None:
+        return
+    new = sorted(set(after.splitlines()) - set(before.splitlines()))
+    assert not new, "the test session changed the checkout (git status --porcelain):\n" + "\n".join(new)
