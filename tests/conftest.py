@@ -120,3 +120,33 @@ def _checkout_unchanged():
         return
     new = sorted(set(after.splitlines()) - set(before.splitlines()))
     assert not new, "the test session changed the checkout (git status --porcelain):\n" + "\n".join(new)
+
+
+TAG_ENV = "RAYSWEEP_TEST_PROCESS_TAG"
+
+
+def tagged_env(env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``env`` plus a unique tag that every process started from it inherits (Ray's gcs_server,
+    raylet and workers too), so a test can find *its own* leftovers, not any Ray on the machine."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    return {**env, TAG_ENV: tag}, tag
+
+
+def processes_with_tag(tag: str) -> list[int]:
+    """Live processes whose environment carries ``tag`` (Linux /proc; empty elsewhere)."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat", "rb") as s:
+                        if s.read().rsplit(b")", 1)[-1].split()[0] != b"Z":  # not a zombie
+                            found.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
