@@ -81,7 +81,9 @@ def test_real_evaluator_tables_are_redacted(embedded, embedded_specs, tmp_path):
 
     logger, client = _logger(tmp_path)
     reporter = Logging(logger)
-    run_experiment(experiment(embedded_specs, method="GA+GD", epochs=1, lr=1e-3), reporter)
+    cfg = experiment(embedded_specs, method="GA+GD", epochs=1, lr=1e-3)
+    cfg.eval.max_samples = cfg.eval.max_forget_samples = 4  # enough rows to check; a faster evaluation
+    run_experiment(cfg, reporter)
     assert reporter.paths == ["generations/epoch_001.json"]
     samples = reporter.reports[0].samples
     assert {"forget", "retain"} <= set(samples) and samples["forget"]
@@ -109,6 +111,7 @@ def test_continual_tables_are_redacted_at_every_step(embedded, embedded_specs, t
     cfg.scenario = "continual"
     cfg.data.task_ids = None
     cfg.continual.steps = 2
+    cfg.eval.max_samples = 4  # a faster evaluation; every step's whole forget subtask is still evaluated
     logger, client = _logger(tmp_path)
     reporter = Logging(logger, continual=True)
     run_experiment(cfg, reporter)
