@@ -535,8 +535,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_spec_args(parser, SyntheticSpec, "", "syn__")
     _add_spec_args(parser, TinyModelSpec, "model-", "mod__")
     args = vars(parser.parse_args(argv))
-    syn = SyntheticSpec(**{k[5:]: v for k, v in args.items() if k.startswith("syn__") and v is not None})
-    mod = TinyModelSpec(**{k[5:]: v for k, v in args.items() if k.startswith("mod__") and v is not None})
+    from pydantic import ValidationError
+
+    from raysweep.config import fail
+
+    specs = {}
+    for dest, spec_cls, flag_prefix in (("syn__", SyntheticSpec, "--"), ("mod__", TinyModelSpec, "--model-")):
+        try:
+            specs[dest] = spec_cls(**{k[5:]: v for k, v in args.items() if k.startswith(dest) and v is not None})
+        except ValidationError as err:  # a bad value: one line naming the flag, exit 2 (not a traceback)
+            first = err.errors()[0]
+            field = str(first["loc"][0]) if first.get("loc") else ""
+            fail(flag_prefix + field.replace("_", "-") if field else "python -m raysweep.prepare", "", first["msg"])
+    syn, mod = specs["syn__"], specs["mod__"]
     t0 = time.perf_counter()
     art = ensure_embedded(syn, mod, cache_dir=args["cache"], force=args["force"])
     wall = time.perf_counter() - t0

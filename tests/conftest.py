@@ -76,3 +76,77 @@ def embedded(embedded_specs, raysweep_cache):
 
     return ensure_embedded(embedded_specs.synthetic, embedded_specs.model, cache_dir=raysweep_cache,
                            log=lambda msg: None)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a gloo / DeepSpeed rendezvous), instead of a fixed
+    one that a parallel session or a leftover process may hold."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _git_status(root) -> str | None:
+    """``git status --porcelain`` of the checkout holding ``root``; None when it is not one."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_unchanged():
+    """The suite leaves the checkout as it found it: no ``mlflow.db``, ``ray_results/``,
+    ``report.md``… written into the repository (every sweep runs in a tmp directory).
+
+    Recorded at session start, compared at its end (an error at teardown of the last test);
+    nothing is checked when the tree is not a git checkout. ``RAYSWEEP_SKIP_CHECKOUT_CHECK=1``
+    turns it off while editing files during a run."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    before = None if os.environ.get("RAYSWEEP_SKIP_CHECKOUT_CHECK") else _git_status(root)
+    yield
+    if before is None:
+        return
+    after = _git_status(root)
+    if after is None:
+        return
+    new = sorted(set(after.splitlines()) - set(before.splitlines()))
+    assert not new, "the test session changed the checkout (git status --porcelain):\n" + "\n".join(new)
+
+
+TAG_ENV = "RAYSWEEP_TEST_PROCESS_TAG"
+
+
+def tagged_env(env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``env`` plus a unique tag that every process started from it inherits (Ray's gcs_server,
+    raylet and workers too), so a test can find *its own* leftovers, not any Ray on the machine."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    return {**env, TAG_ENV: tag}, tag
+
+
+def processes_with_tag(tag: str) -> list[int]:
+    """Live processes whose environment carries ``tag`` (Linux /proc; empty elsewhere)."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat", "rb") as s:
+                        if s.read().rsplit(b")", 1)[-1].split()[0] != b"Z":  # not a zombie
+                            found.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found

@@ -52,10 +52,18 @@ def _log(event: str, cfg, **extra) -> None:
 
 
 def scores(lr: float, forget_coeff: float, epoch: int) -> tuple[float, float]:
-    """MU peaks near lr = 1e-5 and decays with epochs; FE grows with lr, alpha and epochs."""
+    """The known curve of a config: MU peaks near lr = 1e-5 and decays with epochs; FE grows
+    with lr, alpha and epochs. Tests recompute what a sweep must have seen (and what ASHA must
+    have stopped) from it."""
     mu = math.exp(-abs(math.log10(lr) + 5.0)) * (0.97 ** epoch)
     fe = 1.0 - math.exp(-epoch * lr * 2e4 * (0.5 + forget_coeff))
     return min(1.0, max(0.0, mu)), min(1.0, max(0.0, fe))
+
+
+def objective(lr: float, forget_coeff: float, epoch: int) -> float:
+    """The objective the worker reports for ``epoch``: (MU + FE) / 2 of :func:`scores`."""
+    mu, fe = scores(lr, forget_coeff, epoch)
+    return (mu + fe) / 2
 
 
 # Text the forget set holds: with tracking.redact_forget it must not appear in any MLflow artifact.
@@ -91,7 +99,8 @@ def run(cfg, reporter, use_gpu: bool = False):
             _log("diverge", cfg, epoch=epoch)
             raise DivergenceError(f"loss became nan at epoch {epoch}, batch 0 (method {tr.method}, lr {tr.lr})")
         mu, fe = scores(tr.lr, tr.forget_coeff, epoch)
-        metrics = {"epoch": epoch, "MU": mu, "FE": fe, "objective": (mu + fe) / 2, "forget/ROUGE": 1 - fe}
+        metrics = {"epoch": epoch, "MU": mu, "FE": fe, "objective": objective(tr.lr, tr.forget_coeff, epoch),
+                   "forget/ROUGE": 1 - fe}
         checkpoint = None
         if tr.save_checkpoint != "none" and tr.output_dir is not None:
             if tr.save_checkpoint == "best" or epoch == tr.epochs:

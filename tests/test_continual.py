@@ -48,7 +48,7 @@ def test_step_objective():
     assert step_objective([0.2, 0.4, 0.9], "final") == 0.9
 
 
-@pytest.mark.parametrize("method", ["NPO+GD", "ME+GD"])
+@pytest.mark.parametrize("method", ["NPO+GD", pytest.param("ME+GD", marks=pytest.mark.slow)])
 def test_three_steps_report_per_step(embedded, embedded_specs, method):
     reports = []
     result = run_continual(continual_cfg(embedded_specs, method=method), reports.append)

@@ -264,14 +264,26 @@ def test_group_reports_aggregate(tokenizer, task_dir):
 
 
 def test_peft_wrapped_model(model, tokenizer, task_dir):
+    """The adapters are on during lm-eval: a LoRA on lm_head whose (non-zero) bias adds +50 to the
+    logit of "right" turns the random model into the rigged one (1.0 on both tasks); with the
+    adapters off the same object scores like the base model (toy_gen 0.0)."""
     peft = pytest.importorskip("peft")
-    cfg = _cfg(task_dir, ["toy_mc"], limit=4)
+    cfg = _cfg(task_dir, ["toy_mc", "toy_gen"], metrics={"toy_gen": "exact_match,first-word"}, limit=4)
     base = run_downstream(model, tokenizer, cfg)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert base["downstream/toy_gen"] == 0.0
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["lm_head"],
+                                                         lora_dropout=0.0, lora_bias=True))
+    lora_b = wrapped.base_model.model.lm_head.lora_B["default"]
+    with torch.no_grad():
+        lora_b.weight.zero_()
+        lora_b.bias.zero_()
+        lora_b.bias[tokenizer.convert_tokens_to_ids("right")] = 50.0  # scaling alpha / r = 1
     wrapped.train()
     out = run_downstream(wrapped, tokenizer, cfg)
-    assert out == base  # LoRA B starts at zero: same function as the base model
+    assert out == {"downstream/toy_mc": 1.0, "downstream/toy_gen": 1.0}, out
     assert wrapped.training
+    with wrapped.disable_adapter():
+        assert run_downstream(wrapped, tokenizer, cfg) == base
 
 
 # ------------------------------------------------------------------------------- errors

@@ -98,9 +98,8 @@ def test_second_call_reuses_cache(embedded, embedded_specs, raysweep_cache, monk
         raise AssertionError("retrained although cached")
 
     monkeypatch.setattr(prepare, "train_model", boom)
-    t0 = time.perf_counter()
+    # no timing assert (benchmarks measure time): the patched trainer proves nothing was rebuilt
     again = ensure_embedded(embedded_specs.synthetic, embedded_specs.model)  # via RAYSWEEP_CACHE
-    assert time.perf_counter() - t0 < 2.0
     assert again.root == embedded.root and again.stats == embedded.stats
 
 

@@ -149,6 +149,7 @@ def test_embedded_variant_data(embedded, embedded_specs):
         assert r.answer.startswith(r.golden_answer[:-1]) and len(r.perturbed_answer) == spec.n_perturbed
 
 
+@pytest.mark.slow
 def test_embedded_target_knows_the_people_and_unlearning_runs(embedded, embedded_specs):
     from raysweep.eval.evaluate import Evaluator
     from raysweep.models import load_model, load_tokenizer

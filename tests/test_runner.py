@@ -11,7 +11,7 @@ from test_downstream import task_dir  # noqa: F401  (the module's local lm-eval 
 from test_train import experiment
 
 
-@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("include", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_downstream_scores_reach_the_last_report(embedded, embedded_specs, task_dir, include):  # noqa: F811
     cfg = experiment(embedded_specs, method="ME+GD", epochs=2)
     cfg.eval.downstream = DownstreamConfig(tasks=["toy_mc"], include_path=str(task_dir),

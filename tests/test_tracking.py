@@ -258,6 +258,7 @@ def _sweep_runs(tracked):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sweep_has_one_parent_and_a_child_per_trial(tracked_sweep):
     client, parents, children = _sweep_runs(tracked_sweep)
     path = tracked_sweep["path"]
@@ -304,6 +305,7 @@ def test_sweep_has_one_parent_and_a_child_per_trial(tracked_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_no_forget_text_in_any_artifact(tracked_sweep, tmp_path):
     client, parents, children = _sweep_runs(tracked_sweep)
     texts = []
@@ -332,6 +334,7 @@ def _method_rows(markdown: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_report_of_the_sweep_from_directory_and_mlflow_run(tracked_sweep, tmp_path):
     from raysweep.report import main as report_main
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import free_port
 from raysweep.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainingConfig
 from raysweep.losses import METHODS
 from raysweep.models import load_model
@@ -49,7 +50,43 @@ class Capture:
         self.reports.append(report)
 
 
-@pytest.mark.parametrize("method", METHODS)
+def forget_truth_ratios(cfg: ExperimentConfig, model_dir: str) -> list[float]:
+    """Per-question truth ratios of the model in ``model_dir`` on ``cfg``'s forget set, computed
+    here from the answer likelihoods: exp(avg NLL(paraphrased) - mean avg NLL(perturbed))."""
+    import math
+
+    from raysweep.data.formatting import encode_qa
+    from raysweep.eval.likelihood import answer_nlls
+    from raysweep.models import load_tokenizer
+    from raysweep.scenarios import load_run_data, resolve
+
+    data = load_run_data(cfg, resolve(cfg))
+    forget = next(s for s in data.eval_sets.values() if s.is_forget)
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    template, max_length = cfg.model.prompt_template, cfg.data.max_length
+    ratios = []
+    for r in forget.records:
+        examples = [encode_qa(tokenizer, r.question, a, template, max_length)
+                    for a in (r.paraphrased_answer, *r.perturbed_answer)]
+        with torch.no_grad():
+            nlls = answer_nlls(model, examples, 8, tokenizer.pad_token_id or 0)
+        para, pert = nlls[0].avg_nll, [n.avg_nll for n in nlls[1:]]
+        ratios.append(math.exp(para - sum(pert) / len(pert)))
+    return ratios
+
+
+def expected_forget_quality(unlearned_ratios, retain_ratios) -> float:
+    """Forget Quality by definition: the KS two-sample test's p-value (TOFU)."""
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(unlearned_ratios, retain_ratios).pvalue)
+
+
+# -m "not slow" runs three (plain, reference model, IDK templates); the default suite runs all 11
+QUICK_METHODS = ("GA+GD", "NPO+KL", "IDK+AP")
+
+
+@pytest.mark.parametrize("method", [m if m in QUICK_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_every_method_runs_one_epoch_and_changes_weights(embedded, embedded_specs, method):
     base = load_model(str(embedded.target_dir))
     model = load_model(str(embedded.target_dir))
@@ -67,14 +104,36 @@ def test_every_method_runs_one_epoch_and_changes_weights(embedded, embedded_spec
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # the copy was fresh
 
 
-@pytest.mark.parametrize("method", ["ME+GD", "IDK+AP", "ME+KL"])  # ME+KL: reference = adapters off
+def _split_lora(model: torch.nn.Module) -> tuple[dict, dict]:
+    """(adapter weights, base weights under their original names) of a peft-wrapped model."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    base = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+            for k, v in state.items() if "lora_" not in k}
+    return lora, base
+
+
+@pytest.mark.parametrize("method", [pytest.param("ME+GD", marks=pytest.mark.slow),
+                                    pytest.param("IDK+AP", marks=pytest.mark.slow),
+                                    "ME+KL"])  # ME+KL: reference = adapters off
 def test_lora_trains_only_adapters(embedded, embedded_specs, method):
     capture = Capture()
     cfg = experiment(embedded_specs, method=method, lr=5e-3)
     cfg.training.lora.enabled = True
     cfg.training.lora.r = 4
-    result = run_unlearning(cfg, capture)
+    model = load_model(str(embedded.target_dir))
+    before = weights(model)
+    result = run_unlearning(cfg, capture, model=model)
     assert len(result.history) == 1
+    lora, base = _split_lora(result.model)
+    # peft starts every lora_B at zero: a non-zero lora_B is an adapter that moved
+    moved = [k for k, v in lora.items() if "lora_B" in k and v.abs().max() > 0]
+    assert moved and len(moved) == sum("lora_B" in k for k in lora), "some adapters did not train"
+    assert set(base) == set(before)
+    changed = [k for k, v in before.items() if not torch.equal(base[k], v)]
+    assert changed == [], f"{method} changed base weights: {changed[:5]}"
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
     samples = capture.reports[0].samples
     assert set(samples) == {"forget", "retain", "real_authors", "world_facts"}
     assert {"question", "ground_truth", "generation", "R", "P", "TR", "TE"} <= set(samples["forget"][0])
@@ -92,14 +151,27 @@ def test_lora_changes_only_adapter_weights(embedded, embedded_specs):
         captured["metrics"] = report.metrics
 
     # run_unlearning wraps the model in place with peft: inspect the wrapped modules afterwards
-    run_unlearning(cfg, reporter, model=model)
+    torch.manual_seed(0)
+    result = run_unlearning(cfg, reporter, model=model)
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert lora, "no LoRA weights were added"
+    # the adapters moved: every lora_B (zero at peft's init) is non-zero, and lora_A differs
+    # from a fresh wrap of the same base under the same seed
+    assert all(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "adapters did not train"
+    from raysweep.models import apply_lora
+
+    torch.manual_seed(0)
+    fresh = apply_lora(load_model(str(embedded.target_dir)), r=cfg.training.lora.r, alpha=cfg.training.lora.alpha,
+                       dropout=cfg.training.lora.dropout, target_modules=cfg.training.lora.target_modules)
+    fresh_lora = {k.replace("base_model.model.", "", 1): v for k, v in fresh.state_dict().items() if "lora_" in k}
+    assert set(fresh_lora) == set(lora)
+    assert any(not torch.equal(v, fresh_lora[k]) for k, v in lora.items() if "lora_A" in k)
     base_after = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     # base weights (renamed under base_layer) are untouched
     for name, tensor in base_before.items():
         matches = [v for k, v in base_after.items() if k.replace(".base_layer", "") == name]
         assert matches and torch.equal(matches[0], tensor), name
+    assert result.model is not None
 
 
 def test_effective_batch_is_kept_constant():
@@ -121,20 +193,24 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] < lrs[5] and opt.param_groups[0]["lr"] == 0.0
 
 
-def test_divergence_stops_the_run_with_a_clear_error(embedded, embedded_specs, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_divergence_stops_the_run_with_a_clear_error(embedded, embedded_specs, monkeypatch, bad):
     import raysweep.train as train
 
     real = train.compute_loss
 
     def poisoned(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
-        return loss * float("nan"), parts
+        return loss * 0 + float(bad), parts  # keeps the graph, the value is nan / inf
 
     monkeypatch.setattr(train, "compute_loss", poisoned)
-    with pytest.raises(DivergenceError, match="loss became nan at epoch 1"):
-        run_unlearning(experiment(embedded_specs, method="GA+GD"), Capture())
+    capture = Capture()
+    with pytest.raises(DivergenceError, match=f"loss became {bad} at epoch 1, batch 0"):
+        run_unlearning(experiment(embedded_specs, method="GA+GD"), capture)
+    assert capture.reports == []  # nothing was reported from a diverged epoch
 
 
+@pytest.mark.slow
 def test_ga_lowers_forget_probability_and_saves_checkpoint(embedded, embedded_specs, tmp_path):
     capture = Capture()
     cfg = experiment(embedded_specs, tmp_path, method="GA+GD", epochs=2, lr=2e-3, save_checkpoint="best",
@@ -142,10 +218,55 @@ def test_ga_lowers_forget_probability_and_saves_checkpoint(embedded, embedded_sp
     result = run_unlearning(cfg, capture)
     first, last = (r.metrics for r in capture.reports)
     assert last["forget/P"] < first["forget/P"]
-    assert 0.0 <= last["forget_quality"] <= 1.0
+    # Forget Quality = KS p-value of the unlearned model's forget-set truth ratios (the epoch's
+    # per-question TR) against the retain model's, computed here from the retain model itself
+    unlearned = [row["TR"] for row in capture.reports[-1].samples["forget"]]
+    retain = forget_truth_ratios(cfg, str(embedded.retain_dir))
+    assert len(unlearned) == len(retain)
+    assert last["forget_quality"] == pytest.approx(expected_forget_quality(unlearned, retain), rel=1e-9)
     assert result.checkpoint and (Path(result.checkpoint) / "config.json").is_file()
-    reloaded = load_model(result.checkpoint)
-    assert sum(p.numel() for p in reloaded.parameters()) > 0
+    best_epoch = max(capture.reports, key=lambda r: r.metrics["objective"]).epoch
+    assert result.checkpoint == capture.reports[best_epoch - 1].checkpoint
+
+
+class ScriptedEvaluator:
+    """Objective by epoch from a script (no generation: fast); snapshots the weights it sees."""
+
+    def __init__(self, objectives: list[float]):
+        self.objectives = objectives
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, model, tokenizer):
+        self.snapshots.append(weights(model))
+        value = self.objectives[len(self.snapshots) - 1]
+        return {"MU": value, "FE": value, "objective": value}, {}
+
+
+@pytest.mark.parametrize("mode, objectives, epoch_saved", [
+    ("best", [0.2, 0.7, 0.4], 2),  # the best epoch is not the last: a later save would overwrite it
+    ("best", [0.5, 0.5, 0.3], 1),  # a tie is not an improvement: the first of equals is kept
+    ("final", [0.9, 0.1, 0.2], 3),
+])
+def test_checkpoint_holds_the_weights_of_the_epoch_it_names(embedded, embedded_specs, tmp_path, mode, objectives,
+                                                            epoch_saved):
+    cfg = experiment(embedded_specs, tmp_path, method="GA+GD", epochs=3, lr=2e-3, save_checkpoint=mode)
+    evaluator = ScriptedEvaluator(objectives)
+    capture = Capture()
+    result = run_unlearning(cfg, capture, evaluator=evaluator)
+    snapshots = evaluator.snapshots
+    assert len(snapshots) == 3
+    assert any(not torch.equal(v, snapshots[2][k]) for k, v in snapshots[0].items())  # the epochs differ
+    assert result.checkpoint == str(tmp_path / "out" / mode)
+    saved = weights(load_model(result.checkpoint))
+    expected = snapshots[epoch_saved - 1]
+    assert set(saved) <= set(expected)
+    mismatched = [k for k, v in saved.items() if not torch.equal(v, expected[k])]
+    assert mismatched == [], f"{mode} checkpoint is not epoch {epoch_saved}'s weights: {mismatched[:5]}"
+    others = [e for e in (1, 2, 3) if e != epoch_saved]
+    for other in others:
+        assert any(not torch.equal(v, snapshots[other - 1][k]) for k, v in saved.items()), other
+    improved = [o > max(objectives[:i], default=float("-inf")) for i, o in enumerate(objectives)]
+    assert [r.checkpoint is not None for r in capture.reports] == (improved if mode == "best" else [False, False, True])
 
 
 def _yaml_for(specs, tmp_path: Path, **training) -> Path:
@@ -157,6 +278,7 @@ def _yaml_for(specs, tmp_path: Path, **training) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_unlearn_cli_prints_one_json_line_per_epoch(embedded, embedded_specs, tmp_path):
     path = _yaml_for(embedded_specs, tmp_path, method="IDK+AP", epochs=2)
     env = dict(os.environ)
@@ -170,6 +292,7 @@ def test_unlearn_cli_prints_one_json_line_per_epoch(embedded, embedded_specs, tm
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("offload, method", [("none", "ME+KL"), ("cpu", "NPO+GD")])
 def test_deepspeed_zero3_on_cpu(embedded, embedded_specs, tmp_path, offload, method):
     """ZeRO-3 over gloo; with ``offload: cpu`` DeepSpeed's CPU Adam is JIT-built and used.
@@ -182,7 +305,7 @@ def test_deepspeed_zero3_on_cpu(embedded, embedded_specs, tmp_path, offload, met
     doc = yaml.safe_load(path.read_text())
     doc["experiment"]["eval"]["forget_quality"] = True
     path.write_text(yaml.safe_dump(doc))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, "-m", "raysweep.unlearn", "--config", str(path),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import experiment
+from test_train import expected_forget_quality, experiment, forget_truth_ratios
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ def run_sweep(space: dict, name: str, tmp_path: Path, raysweep_cache: str, **env
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, tmp_path):
     exp = experiment(embedded_specs, method="ME+GD", epochs=3)
     exp.eval.forget_quality = True
@@ -87,13 +88,22 @@ def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, t
         assert "forget/R" in child.data.metrics and "retain/R" in child.data.metrics
     local = client.download_artifacts(children[0].info.run_id, "generations/epoch_001.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
-    assert {"set", "question", "ground_truth", "generation", "R"} <= set(table["columns"])
+    assert {"set", "question", "ground_truth", "generation", "R", "TR"} <= set(table["columns"])
     set_column = table["columns"].index("set")
     assert {"forget", "retain"} <= {row[set_column] for row in table["data"]}
+    # Forget Quality at epoch 1 = KS p-value of the trial's forget-set truth ratios (its table)
+    # against the retain model's, computed here from the retain model itself
+    tr_column = table["columns"].index("TR")
+    unlearned = [row[tr_column] for row in table["data"] if row[set_column] == "forget"]
+    retain = forget_truth_ratios(exp, str(embedded.retain_dir))
+    quality = [m for m in client.get_metric_history(children[0].info.run_id, "forget_quality") if m.step == 1]
+    assert len(quality) == 1
+    assert quality[0].value == pytest.approx(expected_forget_quality(unlearned, retain), rel=1e-6)
     assert (exp_dir / "report.md").is_file() and (exp_dir / "mu_fe.png").is_file()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_continual_sweep_reports_and_logs_per_step(embedded, embedded_specs, raysweep_cache, tmp_path):
     """The continual scenario through Tune: one report per step (ASHA's time unit), MLflow
     metrics at step = 1, 2, 3, and the report's MU/FE-vs-step plot."""
