@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raysweep.eval.metrics import objective as metrics_objective
+
 
 @dataclass
 class Report:
@@ -63,7 +65,7 @@ def scores(lr: float, forget_coeff: float, epoch: int) -> tuple[float, float]:
 def objective(lr: float, forget_coeff: float, epoch: int) -> float:
     """The objective the worker reports for ``epoch``: (MU + FE) / 2 of :func:`scores`."""
     mu, fe = scores(lr, forget_coeff, epoch)
-    return (mu + fe) / 2
+    return metrics_objective(mu, fe)
 
 
 # Text the forget set holds: with tracking.redact_forget it must not appear in any MLflow artifact.

@@ -267,7 +267,7 @@ def test_cli_errors_exit_2_with_one_line_and_no_ray(tmp_path, capsys, monkeypatc
         (tmp_path / "results" / "nothing").mkdir(parents=True)
         argv += ["--name", "nothing", "--resume"]
     elif case == "gpu_missing":
-        monkeypatch.setattr("raysweep.tune._gpu_count", lambda: 0)
+        monkeypatch.setattr("raysweep.sweep.cluster._gpu_count", lambda: 0)
         argv += ["--set", "search.resources.use_gpu=true"]
     elif case == "storage_unwritable":
         (tmp_path / "file").write_text("not a directory")
@@ -275,7 +275,7 @@ def test_cli_errors_exit_2_with_one_line_and_no_ray(tmp_path, capsys, monkeypatc
     elif case == "too_many_cpus":
         argv += ["--set", "search.resources.cpus_per_worker=4096"]
     elif case == "too_many_gpus":
-        monkeypatch.setattr("raysweep.tune._gpu_count", lambda: 1)
+        monkeypatch.setattr("raysweep.sweep.cluster._gpu_count", lambda: 1)
         argv += ["--set", "search.resources.use_gpu=true", "--set", "search.resources.num_workers=2"]
     elif case == "existing_experiment":
         existing = tmp_path / "results" / "done"
@@ -375,6 +375,9 @@ class FakeCluster:
 
     def __init__(self, monkeypatch, nodes: list[dict], node_types: list[tuple[str, dict, int]] | None):
         import ray
+        # Without node types in the GCS the driver falls back to the head's cluster config file
+        # (cluster.bootstrap_node_types); this machine has none.
+        monkeypatch.setenv("RAYSWEEP_AUTOSCALING_CONFIG", "/nonexistent/ray_bootstrap_config.yaml")
         from ray._private.state import state
         from ray.core.generated import autoscaler_pb2
 
@@ -409,7 +412,7 @@ def _cluster_sweep(**resources) -> SweepConfig:
 
 
 def test_autoscaler_node_type_probe_reads_the_cluster_config(monkeypatch):
-    from raysweep.tune import _autoscaler_node_types
+    from raysweep.sweep.cluster import _autoscaler_node_types
 
     FakeCluster(monkeypatch, [{"CPU": 8.0}], [("head", {"CPU": 8.0}, 1), ("p4d", {"CPU": 96.0, "GPU": 8.0}, 4)])
     types = sorted(_autoscaler_node_types(), key=lambda t: t[1])
