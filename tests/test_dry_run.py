@@ -236,6 +236,10 @@ def test_dry_run_on_a_gpu_cluster_checks_a_worker_and_estimates_gpu_hours(tmp_pa
     model_dir = tmp_path / "tiny"
     LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=64).save_pretrained(model_dir)
+    # tofu.yaml runs the seed protocol, whose rejection templates come from the seed repository;
+    # offline here, so a local file stands in for them.
+    idk = tmp_path / "idontknow.jsonl"
+    idk.write_text("I don't know.\nI have no idea.\n")
     env = offline_env(tmp_path, f"http://127.0.0.1:{closed_port()}")
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
@@ -249,7 +253,7 @@ def test_dry_run_on_a_gpu_cluster_checks_a_worker_and_estimates_gpu_hours(tmp_pa
             [sys.executable, "-m", "raysweep.tune", "--space", str(REPO / "search_spaces" / "tofu.yaml"), "--dry-run",
              "--address", cluster.address, "--storage", str(tmp_path / "results"),
              "--set", f"experiment.model.name_or_path={model_dir}", "--set", "experiment.eval.embedding_model=null",
-             "--set", "experiment.eval.nli_model=null"],
+             "--set", "experiment.eval.nli_model=null", "--set", f"experiment.data.idk_path={idk}"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     finally:
         cluster.shutdown()
