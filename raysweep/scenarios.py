@@ -92,22 +92,25 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
     retain = cfg.model.retain_model
     if retain is None and cfg.model.name_or_path == EMBEDDED:
         retain = EMBEDDED_RETAIN  # the embedded default always has its retain model
-    if cfg.data.source == "synthetic":
-        data_dir = Path(artifacts.data_dir)
-    elif cfg.data.source == "local":
-        data_dir = Path(cfg.data.path).expanduser()
-    elif cfg.data.source == "seed":  # fetched and sha256-checked on first use (raysweep.data.fetch)
-        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
-
-        data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
-    else:
-        data_dir = None
+    data_dir = Path(artifacts.data_dir) if cfg.data.source == "synthetic" else file_data_dir(cfg)
     return Resolved(
         model=model_path(cfg.model.name_or_path),
         retain_model=model_path(retain),
         data_dir=data_dir,
         embedded_stats=dict(artifacts.stats) if artifacts is not None else {},
     )
+
+
+def file_data_dir(cfg: ExperimentConfig) -> Path | None:
+    """The directory of a ``local`` or ``seed`` source (``seed``: fetched and sha256-checked on
+    first use, :mod:`raysweep.data.fetch`, which raises ``FetchError``); None for synthetic and hub."""
+    if cfg.data.source == "local":
+        return Path(cfg.data.path).expanduser()
+    if cfg.data.source == "seed":
+        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
+
+        return seed_dir(SCENARIO_BUNDLE[cfg.scenario])
+    return None
 
 
 def _split_loader(resolved: Resolved):
@@ -351,25 +354,16 @@ def preflight_data(cfg: ExperimentConfig) -> None:
     from raysweep.config import fail
     from raysweep.data.fetch import FetchError
 
-    if cfg.protocol == "seed":
-        try:
-            idk_templates_for(cfg)
-        except DataError as err:
-            fail(err.path, "experiment.data.idk_path", err.message)
-        except FetchError as err:
-            print(err.one_line(), file=sys.stderr)
-            raise SystemExit(2) from None
-    data_dir = None
-    if cfg.data.source == "seed":
-        from raysweep.data.fetch import SCENARIO_BUNDLE, seed_dir
-
-        try:
-            data_dir = seed_dir(SCENARIO_BUNDLE[cfg.scenario])
-        except FetchError as err:
-            print(err.one_line(), file=sys.stderr)
-            raise SystemExit(2) from None
-    elif cfg.data.source == "local":
-        data_dir = Path(cfg.data.path).expanduser()
+    try:  # the seed's files (templates, data) are fetched now: offline, exit 2 naming them
+        if cfg.protocol == "seed":
+            try:
+                idk_templates_for(cfg)
+            except DataError as err:
+                fail(err.path, "experiment.data.idk_path", err.message)
+        data_dir = file_data_dir(cfg)
+    except FetchError as err:
+        print(err.one_line(), file=sys.stderr)
+        raise SystemExit(2) from None
     if cfg.scenario == "continual" and cfg.continual.retain_min_size is not None and cfg.data.source != "hub":
         if cfg.data.source == "synthetic":
             from raysweep.data.synthetic import generate
