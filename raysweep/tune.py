@@ -4,7 +4,7 @@
 
     python -m raysweep.tune --space search_spaces/tiny.yaml [--num-samples N] [--max-concurrent K]
         [--storage DIR] [--name NAME] [--resume] [--address auto|HOST:PORT] [--mlflow-uri URI]
-        [--dry-run] [--set KEY=VALUE ...]
+        [--dry-run] [--verbose] [--set KEY=VALUE ...]
 
 ``main`` runs three phases: :func:`prepare` (1), :func:`fit` (2, 3) and :func:`finish` (4).
 This module is the command only; the sweep's parts are in :mod:`raysweep.sweep`.
@@ -26,6 +26,11 @@ This module is the command only; the sweep's parts are in :mod:`raysweep.sweep`.
    the MLflow runs closed. Exit 0 if at least one trial finished, 1 if all failed, 130 if the
    sweep was interrupted (resume it with ``--resume``). ``--dry-run`` stops after 1: it prints
    the plan and its estimated cost (:mod:`raysweep.sweep.plan`) and exits 0 or 2.
+
+The console (:mod:`raysweep.sweep.console`): a header, one line per trial event, a progress line
+and the results table; Ray's logs, the workers' output and every metric go to
+``<storage>/<name>/raysweep.log``. ``--verbose`` prints all of it on the console too, with
+Tune's status table.
 
 MLflow (:mod:`raysweep.sweep.tracking`): one parent run per sweep (created before Ray starts; an
 unusable store exits 2), one child run per trial. Objective: ``(MU + FE) / 2``, maximised; with
@@ -50,6 +55,7 @@ from typing import Any
 
 from raysweep.config import SweepConfig, load_or_exit
 from raysweep.sweep.cluster import preflight, start_ray
+from raysweep.sweep.console import SweepLog, header, log_path
 from raysweep.sweep.mlflow_store import resolve_tracking_uri
 from raysweep.sweep.mlflow_ui import announce
 from raysweep.sweep.results import ERRORED, FINISHED, RUN_FAILED, RUN_KILLED
@@ -86,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (tracking.uri)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything (data, models, storage, MLflow, fit), print the plan and its estimated cost, start no trial")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's logs, the workers' output and Tune's status table on the console too "
+                             "(by default they go to <storage>/<name>/raysweep.log)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a YAML value, e.g. --set search.scheduler.type=none")
     return parser.parse_args(argv)
@@ -101,6 +110,7 @@ class Prepared:
     name: str
     address: str | None
     tracker: Any  # SweepTracker | NoTracker
+    log: SweepLog | None = None  # the console and raysweep.log (started by prepare)
 
     @property
     def experiment_path(self) -> str:
@@ -170,10 +180,15 @@ def prepare(args: argparse.Namespace) -> Prepared | int:
         # not need it.)
         ensure_embedded_for(sweep.experiment)
     sweep = _settle_config(args, sweep, f"{storage}/{name}")
+    log = SweepLog(log_path(f"{storage}/{name}", name), verbose=args.verbose).start()
     flag_file = "--mlflow-uri" if args.mlflow_uri else None  # who an unusable store is blamed on
-    tracker = open_tracker(sweep, f"{storage}/{name}", args.resume, flag_file=flag_file, space_file=args.space)
-    print(f"MLflow: {tracker.url()}", flush=True)
-    return Prepared(args, sweep, storage, name, address, tracker)
+    try:
+        tracker = open_tracker(sweep, f"{storage}/{name}", args.resume, flag_file=flag_file, space_file=args.space)
+    except BaseException:
+        log.close()
+        raise
+    print(header(name, f"{storage}/{name}", args.space, sweep, tracker, log.path, args.verbose), flush=True)
+    return Prepared(args, sweep, storage, name, address, tracker, log)
 
 
 def fit(p: Prepared) -> None:
@@ -183,7 +198,9 @@ def fit(p: Prepared) -> None:
 
     try:
         start_ray(p.sweep, p.address)
-        tuner = make_tuner(p.sweep, p.storage, p.name, p.tracker.trial_info(), p.args.resume)
+        if p.log is not None:
+            p.log.attach_workers()  # the workers' output into raysweep.log (and off the console)
+        tuner = make_tuner(p.sweep, p.storage, p.name, p.tracker.trial_info(), p.args.resume, verbose=p.args.verbose)
         if p.args.resume:
             print(f"Resuming {p.experiment_path}", flush=True)
             if p.args.num_samples is not None or p.args.max_concurrent is not None:
@@ -238,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare(parse_args(argv))
     if isinstance(prepared, int):  # --dry-run
         return prepared
-    fit(prepared)
-    return finish(prepared)
+    try:
+        fit(prepared)
+        return finish(prepared)
+    finally:
+        if prepared.log is not None:
+            prepared.log.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """The Tune ``Tuner`` of a sweep: a new one (searcher, scheduler, progress table, callbacks,
 trial names) or, on ``--resume``, the one restored from the experiment directory; the
-trainable is :func:`raysweep.sweep.trial.run_trial` on one ``trial_driver`` slot."""
+trainable is :func:`raysweep.sweep.trial.run_trial` on one ``trial_driver`` slot.
+
+The console (:mod:`raysweep.sweep.console`): its callback's lines always; Tune's status table and
+per-result lines only with ``verbose`` (``--verbose``). Tune pickles both with the Tuner, so a
+``--resume`` prints what the sweep's first run chose."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from raysweep.config import SweepConfig
 from raysweep.sweep.cluster import TRIAL_DRIVER
+from raysweep.sweep.console import ConsoleCallback
 from raysweep.sweep.space import (
     SpaceBuilder, build_reporter, build_scheduler, build_searcher, num_samples, param_space, trial_dirname,
 )
@@ -23,7 +28,8 @@ def trainable(sweep: SweepConfig, experiment_path: str, tracking: dict[str, Any]
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {TRIAL_DRIVER: 1, "CPU": 0})
 
 
-def make_tuner(sweep: SweepConfig, storage: str, name: str, tracking: dict[str, Any] | None, resume: bool):
+def make_tuner(sweep: SweepConfig, storage: str, name: str, tracking: dict[str, Any] | None, resume: bool,
+               verbose: bool = True):
     """The sweep's Tuner (Ray must be running)."""
     from ray import tune
 
@@ -43,8 +49,10 @@ def make_tuner(sweep: SweepConfig, storage: str, name: str, tracking: dict[str, 
         run_config=tune.RunConfig(
             name=name, storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
-            progress_reporter=build_reporter(sweep, space),
-            callbacks=tune_callbacks(sweep, experiment_path),
-            verbose=2,  # status tables and trial ends, not every result dict
+            progress_reporter=build_reporter(sweep, space) if verbose else None,
+            callbacks=[*tune_callbacks(sweep, experiment_path), ConsoleCallback(sweep.search.scheduler.type)],
+            # 2: Tune's status tables and a line per result (not every result dict); 0: none of
+            # Tune's own output, the ConsoleCallback's lines only.
+            verbose=2 if verbose else 0,
         ),
     )
