@@ -51,7 +51,38 @@ FORMAT_VERSION = 1
 _PRIOR_ANSWERS = frozenset(PRIOR_TEMPLATES)
 CACHE_ENV = "RAYSWEEP_CACHE"
 
-Log = Callable[[str], Any]
+Log = Callable[[str], Any]  # may also have .progress(name, step, total): see _ProgressLog
+
+
+class _ProgressLog:
+    """The build's ``log`` plus one tqdm bar per model being trained (steps done of the most
+    ``max_epochs`` allow, with its ETA; the stop rule usually ends training earlier, so the ETA is
+    an upper bound). :func:`train_model` calls ``log.progress`` after each optimizer step when the
+    log has it; log lines are written around the bars."""
+
+    def __init__(self, log: Log):
+        self._log = log
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, msg: str) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            self._log(msg)
+
+    def progress(self, name: str, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(name)
+        if bar is None:
+            bar = self._bars[name] = tqdm(total=total, desc=f"[prepare] {name}", unit="step",
+                                          position=len(self._bars), dynamic_ncols=True)
+        bar.update(step - bar.n)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
 
 
 @dataclass(frozen=True)
@@ -182,11 +213,16 @@ def _build(out: Path, key: str, synthetic, spec: TinyModelSpec, log: Log, worker
                              "n_pretrain_target": len(corpus.pretrain_target),
                              "n_pretrain_retain": len(corpus.pretrain_retain),
                              "n_forget10_task1": len(forget_task1), "workers": min(workers, len(jobs))}
-    if workers <= 1:
-        for name, records in jobs.items():
-            stats[name] = _train_job(spec, str(tok_dir), records, forget_task1, str(out / name), name, n_cpu, log)
-    else:
-        stats.update(_train_parallel(spec, str(tok_dir), jobs, forget_task1, out, max(1, n_cpu // len(jobs)), log))
+    bars = _ProgressLog(log)
+    try:
+        if workers <= 1:
+            for name, records in jobs.items():
+                stats[name] = _train_job(spec, str(tok_dir), records, forget_task1, str(out / name), name, n_cpu, bars)
+        else:
+            stats.update(_train_parallel(spec, str(tok_dir), jobs, forget_task1, out, max(1, n_cpu // len(jobs)),
+                                         bars))
+    finally:
+        bars.close()
     shutil.rmtree(tok_dir)
     for name in jobs:
         s = stats[name]
@@ -232,6 +268,17 @@ def _train_job(spec: TinyModelSpec, tok_dir: str, records: Sequence[QARecord], f
 
 
 _LOG_PREFIX = "@@raysweep-log "
+_PROGRESS_PREFIX = "@@raysweep-progress "  # + "<name> <step> <total>"
+
+
+class _ChildLog:
+    """The log of a training subprocess: lines (and progress) to stdout, for :func:`_train_parallel`."""
+
+    def __call__(self, msg: str) -> None:
+        print(_LOG_PREFIX + msg.replace("\n", " "), flush=True)
+
+    def progress(self, name: str, step: int, total: int) -> None:
+        print(f"{_PROGRESS_PREFIX}{name} {step} {total}", flush=True)
 
 
 def _worker_main(job_file: str) -> None:
@@ -245,10 +292,7 @@ def _worker_main(job_file: str) -> None:
     with open(job_file, "rb") as f:
         kwargs = pickle.load(f)
 
-    def log(msg: str) -> None:
-        print(_LOG_PREFIX + msg.replace("\n", " "), flush=True)
-
-    stats = _train_job(**kwargs, log=log)
+    stats = _train_job(**kwargs, log=_ChildLog())
     Path(job_file + ".json").write_text(json.dumps(stats))
 
 
@@ -282,9 +326,18 @@ def _train_parallel(spec: TinyModelSpec, tok_dir: str, jobs: dict[str, Sequence[
             line = line.rstrip("\n")
             if line.startswith(_LOG_PREFIX):
                 lines.put(line[len(_LOG_PREFIX):])
+            elif line.startswith(_PROGRESS_PREFIX):
+                job, step, total = line[len(_PROGRESS_PREFIX):].rsplit(" ", 2)
+                lines.put((job, int(step), int(total)))
             else:
                 tails[name].append(line)
         stream.close()
+
+    def emit(item) -> None:  # a log line, or a (name, step, total) progress update
+        if isinstance(item, str):
+            log(item)
+        elif hasattr(log, "progress"):
+            log.progress(*item)
 
     try:
         for name, records in jobs.items():
@@ -303,7 +356,7 @@ def _train_parallel(spec: TinyModelSpec, tok_dir: str, jobs: dict[str, Sequence[
             readers[name].start()
         while any(p.poll() is None for p in procs.values()) or not lines.empty():
             try:
-                log(lines.get(timeout=0.5))
+                emit(lines.get(timeout=0.5))
             except queue_mod.Empty:
                 pass
             failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
@@ -315,7 +368,7 @@ def _train_parallel(spec: TinyModelSpec, tok_dir: str, jobs: dict[str, Sequence[
         for t in readers.values():
             t.join(timeout=5)
         while not lines.empty():
-            log(lines.get())
+            emit(lines.get())
         results = {}
         for name in jobs:
             results[name] = json.loads(Path(job_files[name] + ".json").read_text())
@@ -422,6 +475,7 @@ def train_model(spec: TinyModelSpec, tokenizer, records: Sequence[QARecord], log
     total_steps = steps_per_epoch * spec.max_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, spec))
     pad_id = tokenizer.pad_token_id
+    progress = getattr(log, "progress", None)  # a progress bar (_ProgressLog / _ChildLog)
 
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -450,6 +504,8 @@ def train_model(spec: TinyModelSpec, tokenizer, records: Sequence[QARecord], log
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if progress is not None:
+                progress(name, step, total_steps)
             tokens += int(mask.sum())
             ep_loss += loss.detach().item() * len(b)
             ep_n += len(b)
