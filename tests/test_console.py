@@ -69,8 +69,8 @@ def test_callback_prints_one_line_per_event_and_the_progress_line(tmp_path, swee
     assert "trial a_00000 started: NPO+GD lr=0.0001 epochs=3 α=0.5 β=0.1" in lines
     assert sum(line.endswith("started: NPO+GD lr=0.0001 epochs=2 α=0.5 β=0.1") for line in lines) == 1
     assert "trial a_00000 epoch 1/3: objective 0.6123  MU 0.5000  FE 0.7247" in lines
-    assert "trial a_00000 stopped early by ASHA after epoch 1 of 3" in lines
-    assert "trial a_00002 finished after epoch 2" in lines
+    assert "trial a_00000 stopped early by ASHA after epoch 1 of 3 (best objective 0.6123 at epoch 1)" in lines
+    assert "trial a_00002 finished after epoch 2" in lines  # no result seen: no best
     assert "trial a_00001 failed, retrying (failure 1): RuntimeError: worker died" in lines
     assert f"trial a_00001 errored: RuntimeError: worker died (traceback: {error})" in lines
     progress = [line for line in lines if line.startswith("progress: ")]
@@ -146,7 +146,9 @@ STATUS_TABLE = re.compile(r"Trial status:|\| Trial name|\+-{5,}")  # Tune's CLIR
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fake_worker_sweep_console_and_log_file(tmp_path):
-    space = write_yaml(tmp_path / "space.yaml", E2E)  # 4 trials; GA+GD's default diverges; ASHA stops one
+    # test_tune's E2E sweep, one trial at a time, cut to 3 trials: NPO+GD's default finishes, GA+GD's
+    # diverges at epoch 2, and ASHA stops the third (a GA+GD, far below them) after epoch 1.
+    space = write_yaml(tmp_path / "space.yaml", {**E2E, "search": {**E2E["search"], "num_samples": 3}})
     env = fake_env(tmp_path, RAYSWEEP_FAKE_DIVERGE_LR="1e-5", RAYSWEEP_FAKE_DIVERGE_METHOD="GA+GD",
                    RAYSWEEP_FAKE_SLEEP="0.2")
     args = ["--space", str(space), "--storage", str(tmp_path / "results"), "--set", "tracking.log_generations=false"]
@@ -158,23 +160,23 @@ def test_fake_worker_sweep_console_and_log_file(tmp_path):
 
     # The header, before any trial.
     head = out[: out.index(" started: ")]
-    assert f"Sweep quiet ({space}): 4 trial(s) of NPO+GD, GA+GD" in head
+    assert f"Sweep quiet ({space}): 3 trial(s) of NPO+GD, GA+GD" in head
     assert f"experiment dir: {experiment}" in head and f"log file:       {log_file}" in head
     assert "MLflow UI:      http://127.0.0.1:5000/#/experiments/" in head
 
     # One line per trial event.
-    assert len(re.findall(r"\] trial \w+ started: (NPO\+GD|GA\+GD) lr=", out)) == 4
+    assert len(re.findall(r"\] trial \w+ started: (NPO\+GD|GA\+GD) lr=", out)) == 3
     assert re.search(r"\] trial \w+ epoch 1/3: objective 0\.\d{4}  MU 0\.\d{4}  FE 0\.\d{4}", out)
     assert len(re.findall(r"\] trial \w+ stopped early by ASHA after epoch \d of 3", out)) >= 1
     assert len(re.findall(r"\] trial \w+ finished after epoch 3", out)) >= 1
     assert re.search(r"\] trial \w+ errored: DivergenceError: loss became nan at epoch 2", out)
-    progress = re.findall(r"\] progress: (\d)/4 done.* \| (\d) running \| (\d) pending \| best .*elapsed", out)
-    assert progress and progress[-1] == ("4", "0", "0")
+    progress = re.findall(r"\] progress: (\d)/3 done.* \| (\d) running \| (\d) pending \| best .*elapsed", out)
+    assert progress and progress[-1] == ("3", "0", "0")
     assert "Results (sorted by objective" in out  # the final table
 
     # None of Tune's status tables, Ray's INFO lines, or the workers' lines on the console.
     assert not STATUS_TABLE.search(out), out
-    assert " reported " not in out and "INFO" not in out and "pid=" not in out
+    assert " reported " not in out and "INFO" not in out and "pid=" not in out and "Ray: " not in out
     assert "forget/ROUGE" not in out
 
     # ... they are in the log file.
@@ -222,3 +224,40 @@ def test_embedded_build_shows_a_progress_bar_per_model(embedded_specs, tmp_path,
     # A training subprocess sends its steps to the parent's bars on stdout (_train_parallel reads them).
     prepare._ChildLog().progress("target", 3, 40)
     assert capfd.readouterr().out == "@@raysweep-progress target 3 40\n"
+
+
+def test_verbose_leaves_ray_on_the_console_and_writes_the_log_file(tmp_path):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raysweep.config import SweepConfig
+    from raysweep.sweep.tuner import make_tuner
+    from raysweep.tune import parse_args
+
+    assert parse_args(["--space", "s.yaml", "--verbose"]).verbose and not parse_args(["--space", "s.yaml"]).verbose
+    printed: list[dict] = []
+    dispatcher.add_handler("ray_print_logs", printed.append)  # Ray's printer, as ray.init adds it
+    ray_console = list(logging.getLogger("ray").handlers)  # Ray's own console handler
+    assert ray_console
+    try:
+        for verbose in (True, False):
+            log = SweepLog(str(tmp_path / f"verbose-{verbose}.log"), verbose=verbose).start()
+            log.attach_workers()
+            assert (set(ray_console) <= set(logging.getLogger("ray").handlers)) == verbose
+            logging.getLogger("ray.tune").info(f"a Tune status line ({verbose})")
+            dispatcher.emit({"pid": 1, "ip": "x", "is_err": False, "lines": [f"a worker line ({verbose})"]})
+            log.close()
+            assert (printed[-1]["lines"] == [f"a worker line ({verbose})"]) == verbose
+            logged = (tmp_path / f"verbose-{verbose}.log").read_text()
+            assert f"a Tune status line ({verbose})" in logged and f"a worker line ({verbose})" in logged
+        assert ("ray_print_logs", printed.append) in dispatcher.handlers  # given back by close()
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+
+    # Tune's own output: the status table and a line per result with --verbose, none without.
+    sweep = SweepConfig.model_validate(E2E)
+    for verbose, tune_verbose in ((True, 2), (False, 0)):
+        run_config = make_tuner(sweep, str(tmp_path / "r"), f"v{verbose}", None, False,
+                                verbose=verbose)._local_tuner.get_run_config()
+        assert run_config.verbose == tune_verbose
+        assert (run_config.progress_reporter is not None) == verbose
+        assert any(isinstance(cb, ConsoleCallback) for cb in run_config.callbacks)

@@ -11,13 +11,14 @@ By default the terminal shows (``python -m raysweep.tune``):
   :data:`HEARTBEAT_S` seconds): trials done / running / pending, the best so far, the time spent;
 * the final results table (``raysweep.tune.finish``).
 
-Everything else goes to ``<experiment dir>/raysweep.log`` (:class:`SweepLog`): the ``ray``
-logger of the driver (Ray's and Tune's INFO/WARNING lines), Python warnings, the stdout/stderr of
+Everything else goes to ``<experiment dir>/raysweep.log`` (:class:`SweepLog`): the driver's
+``ray`` logger (Ray's and Tune's INFO/WARNING lines) and those of MLflow and Optuna, Python
+warnings, the stdout/stderr of
 every Ray worker (trial drivers, Train controllers and workers; Ray forwards them to the driver,
 where :meth:`SweepLog.attach_workers` takes them instead of Ray's printer), every metric each
-trial reports, and the console's own lines. Errors stay visible: the ``ray`` logger's ERROR
-records (first line) and the workers' own ``warning:`` / ``error:`` lines (each distinct one
-once) are also printed on stderr; an errored trial's reason is its console line.
+trial reports, and the console's own lines. Errors stay visible: those loggers' ERROR records
+(first line) and the workers' own ``warning:`` / ``error:`` lines (each distinct one once) are
+also printed on stderr; an errored trial's reason is its console line.
 
 ``--verbose`` (``SweepLog(verbose=True)``; ``raysweep.sweep.tuner.make_tuner(verbose=True)``)
 keeps Ray's console output as it is — Tune's status table (``CLIReporter``) every 10 s, its
@@ -56,6 +57,11 @@ METRICS = "raysweep.metrics"  # every metric of every result (log file only)
 HEARTBEAT_S = 60.0  # the progress line at least this often while trials run
 PARAM_NAMES = {**PARAMETER_COLUMNS, "reg_coeff": "γ", "lora_r": "lora_r"}
 WORKER_ECHO = ("warning:", "error:")  # raysweep's own stderr convention, shown once on the console
+# Libraries whose loggers print on the driver's console: Ray (and Tune, Train), MLflow and its
+# database migrations, Optuna. Without --verbose their records go to the log file, errors also
+# to stderr (first line) but for those the console says itself: a failed trial.
+LIBRARY_LOGGERS = {"ray": "Ray", "mlflow": "MLflow", "alembic": "MLflow database", "optuna": "Optuna"}
+SAID_BY_THE_CONSOLE = ("Trial task failed for trial", "Trials did not complete")
 _WORKER_HANDLER = "raysweep_log"  # our handler on Ray's worker stdout/stderr dispatcher
 _RAY_PRINTER = "ray_print_logs"  # Ray's own (ray._private.worker.connect)
 
@@ -132,6 +138,14 @@ def _last_failure(text: str | None) -> str | None:
     return error_reason(text.rsplit("Failure # ", 1)[-1])
 
 
+def _error_file(trial: Any) -> str | None:
+    """Where the trial's ``error.txt`` is kept: its directory in the experiment directory (Tune
+    writes it in a staging directory first and syncs it there)."""
+    staged = getattr(trial, "error_file", None)
+    path = getattr(trial, "path", None)
+    return f"{path}/{Path(staged).name}" if staged and path else staged
+
+
 def trial_error(trial: Any) -> str:
     """The one-line reason a trial failed, from its ``error.txt`` (written before the callbacks run)."""
     path = getattr(trial, "error_file", None)
@@ -163,6 +177,7 @@ class ConsoleCallback(_TuneCallback):
         self._total: int | None = None
         self._start = time.time()
         self._best: tuple[float, str, str, str] | None = None  # objective, trial id, method, "epoch k"
+        self._trial_best: dict[str, tuple[float, str]] = {}  # trial id -> its best (objective, "epoch k")
         self._last_state: tuple | None = None
         self._last_print = 0.0
 
@@ -196,7 +211,12 @@ class ConsoleCallback(_TuneCallback):
                   f"MU {_metric(result.get('MU'))}  FE {_metric(result.get('FE'))}")
         metrics = {k: v for k, v in result.items() if k != "config" and not k.startswith("config/")}
         logging.getLogger(METRICS).info(f"trial {trial.trial_id} {kind} {step}: {metrics}")
-        if isinstance(objective, (int, float)) and (self._best is None or objective > self._best[0]):
+        if not isinstance(objective, (int, float)):
+            return
+        best = self._trial_best.get(str(trial.trial_id))
+        if best is None or objective > best[0]:
+            self._trial_best[str(trial.trial_id)] = (float(objective), f"{kind} {step}")
+        if self._best is None or objective > self._best[0]:
             self._best = (float(objective), str(trial.trial_id), str(sampled_params(trial.config).get("method")),
                           f"{kind} {step}")
 
@@ -204,18 +224,20 @@ class ConsoleCallback(_TuneCallback):
         last = trial.last_result or {}
         params = sampled_params(trial.config)
         done = result_step(last)
+        best = self._trial_best.get(str(trial.trial_id))
+        best_text = f" (best objective {best[0]:.4f} at {best[1]})" if best else ""
         if early_stopped(FINISHED, params.get("epochs"), last):
             by = f" by {self.scheduler.upper()}" if self.scheduler != "none" else ""
-            self._say(f"trial {trial.trial_id} stopped early{by} after epoch {done} of {params.get('epochs')}")
+            self._say(f"trial {trial.trial_id} stopped early{by} after epoch {done} of {params.get('epochs')}{best_text}")
         else:
-            self._say(f"trial {trial.trial_id} finished after {'step' if 'step' in last else 'epoch'} {done}")
+            self._say(f"trial {trial.trial_id} finished after {'step' if 'step' in last else 'epoch'} {done}{best_text}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self._say(f"trial {trial.trial_id} failed, retrying (failure {trial.num_failures}): {trial_error(trial)}",
                   logging.WARNING)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        where = f" (traceback: {trial.error_file})" if getattr(trial, "error_file", None) else ""
+        where = f" (traceback: {_error_file(trial)})" if _error_file(trial) else ""
         self._say(f"trial {trial.trial_id} errored: {trial_error(trial)}{where}", logging.ERROR)
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
@@ -226,7 +248,9 @@ class ConsoleCallback(_TuneCallback):
             self._print_progress(state, now)
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        self._print_progress(self._state(trials), time.time())
+        state = self._state(trials)
+        if state != self._last_state:
+            self._print_progress(state, time.time())
 
     # ------------------------------------------------------------------ the progress line
 
@@ -301,6 +325,7 @@ class SweepLog:
         self._removed: list[tuple[logging.Logger, logging.Handler]] = []
         self._levels: list[tuple[logging.Logger, int, bool]] = []
         self._workers_attached = False
+        self._ray_printers: list[tuple[str, Any]] = []
         self._echoed: set[str] = set()
         self._lock = threading.Lock()
         self._captured_warnings = False
@@ -317,8 +342,13 @@ class SweepLog:
         return logger
 
     def start(self) -> "SweepLog":
-        import ray  # noqa: F401 - its import configures the "ray" logger, which is rearranged here
+        # The libraries set up their console handlers on import (Ray, MLflow, and Alembic through
+        # MLflow) or on their first record (Optuna): have them do it now, to rearrange them here.
+        import mlflow  # noqa: F401
+        import optuna
+        import ray  # noqa: F401
 
+        optuna.logging.get_verbosity()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
         self._handler = _FileHandler(self._file)
@@ -330,16 +360,17 @@ class SweepLog:
         metrics = self._configure(METRICS, logging.INFO)
         self._add(metrics, self._handler)
 
-        ray_logger = logging.getLogger("ray")
-        self._add(ray_logger, self._handler)
-        if not self.verbose:
-            for handler in list(ray_logger.handlers):
+        for name, label in LIBRARY_LOGGERS.items():
+            logger = logging.getLogger(name)
+            self._add(logger, self._handler)
+            if self.verbose:
+                continue
+            for handler in list(logger.handlers):
                 if handler is not self._handler:
-                    ray_logger.removeHandler(handler)
-                    self._removed.append((ray_logger, handler))
-            # Errors stay visible (first line); a failed trial's is the console's own line.
-            self._add(ray_logger, _ConsoleLine("stderr", logging.ERROR, prefix="Ray: ",
-                                               skip=("Trial task failed for trial",)))
+                    logger.removeHandler(handler)
+                    self._removed.append((logger, handler))
+            self._add(logger, _ConsoleLine("stderr", logging.ERROR, prefix=f"{label}: ", skip=SAID_BY_THE_CONSOLE))
+        if not self.verbose:
             logging.captureWarnings(True)
             self._captured_warnings = True
             self._add(self._configure("py.warnings", logging.WARNING), self._handler)
@@ -356,6 +387,7 @@ class SweepLog:
             return
         dispatcher.add_handler(_WORKER_HANDLER, self._worker_lines)
         if not self.verbose:
+            self._ray_printers = [pair for pair in dispatcher.handlers if pair[0] == _RAY_PRINTER]
             dispatcher.remove_handler(_RAY_PRINTER)
         self._workers_attached = True
 
@@ -373,7 +405,7 @@ class SweepLog:
             if not self.verbose:
                 for line in lines:
                     text = line.strip()
-                    if text.lower().startswith(WORKER_ECHO) and text not in self._echoed:
+                    if text.startswith(WORKER_ECHO) and text not in self._echoed:
                         self._echoed.add(text)
                         echo.append(text)
         for text in echo:
@@ -385,6 +417,9 @@ class SweepLog:
                 from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
                 dispatcher.remove_handler(_WORKER_HANDLER)
+                for name, printer in self._ray_printers:  # Ray's printer back, for whatever runs next
+                    dispatcher.add_handler(name, printer)
+                self._ray_printers = []
             except ImportError:
                 pass
             self._workers_attached = False
