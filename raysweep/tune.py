@@ -47,8 +47,10 @@ variable of the driver (e.g. ``RAYSWEEP_CACHE``) is set in the Train workers too
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -192,10 +194,17 @@ def prepare(args: argparse.Namespace) -> Prepared | int:
 
 
 def fit(p: Prepared) -> None:
-    """Phase 2: Ray started (or joined), the trials run by Tune."""
+    """Phase 2: Ray started (or joined), the trials run by Tune.
+
+    Ctrl-C: Tune handles the first SIGINT while ``tuner.fit()`` runs (it stops the trials, saves
+    the experiment state and returns; :func:`finish` then ends the MLflow runs KILLED and prints
+    the resume command). Its own copy of Ray's hint, ``Tuner.restore(...)``, is not shown: the
+    command to resume is ours. A second SIGINT raises ``KeyboardInterrupt``, which
+    :func:`stop_now` turns into an immediate exit."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic CLIReporter table with our columns
     import ray
 
+    logging.getLogger("ray.tune.tune").addFilter(_drop_tuner_restore_hint)
     try:
         start_ray(p.sweep, p.address)
         if p.log is not None:
@@ -209,12 +218,42 @@ def fit(p: Prepared) -> None:
         else:
             print(f"Experiment {p.experiment_path}\n(to resume if interrupted: {p.resume_hint})", flush=True)
         tuner.fit()
+    except KeyboardInterrupt:
+        raise  # main -> stop_now, which exits at once
     except BaseException as err:
-        # Nothing of this sweep stays RUNNING in MLflow (interrupted: KILLED, a crash: FAILED).
+        # Nothing of this sweep stays RUNNING in MLflow (a crash: FAILED, an exit: KILLED).
         p.tracker.abort(RUN_FAILED if isinstance(err, Exception) else RUN_KILLED)
-        raise
-    finally:
         ray.shutdown()
+        raise
+    ray.shutdown()
+
+
+def _drop_tuner_restore_hint(record: logging.LogRecord) -> bool:
+    """Logging filter: Ray Tune's "Resume experiment with: Tuner.restore(...)" (Python API) line."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
+def stop_now(p: Prepared | None) -> int:
+    """A second Ctrl-C (or one before Tune handles SIGINT): exit at once, with 130.
+
+    The MLflow runs still RUNNING are ended KILLED (a few quick writes; a run this cannot reach is
+    reconciled by the next ``--resume``), Ray is shut down without waiting for the trials to stop
+    (a local instance's processes are killed; a cluster ends the actors of a driver that is
+    gone), and the resume command is printed. A third Ctrl-C ends the process at once."""
+    import ray
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    print("\nInterrupted: exiting now, without waiting for the trials to stop.", file=sys.stderr, flush=True)
+    if p is not None:
+        p.tracker.abort(RUN_KILLED)
+    ray.shutdown()
+    if p is not None:
+        print(f"The experiment state saved last is kept. Resume with:\n  {p.resume_hint}", file=sys.stderr)
+    if p is not None and p.log is not None:
+        p.log.close()  # os._exit below skips main's finally
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # not the interpreter's exit: no atexit hook of Ray or MLflow to wait for
 
 
 def finish(p: Prepared) -> int:
@@ -252,12 +291,19 @@ def finish(p: Prepared) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepared = prepare(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        prepared = prepare(args)
+    except KeyboardInterrupt:  # nothing started yet that needs stopping
+        print("\nInterrupted before the sweep started.", file=sys.stderr)
+        return 130
     if isinstance(prepared, int):  # --dry-run
         return prepared
     try:
         fit(prepared)
         return finish(prepared)
+    except KeyboardInterrupt:
+        return stop_now(prepared)
     finally:
         if prepared.log is not None:
             prepared.log.close()

@@ -8,6 +8,10 @@ output directory (unique per trial), method, parameters, Ray node id and pid. Ra
 and its method is ``RAYSWEEP_FAKE_DIVERGE_METHOD``. With ``training.save_checkpoint`` != none it
 writes a small checkpoint directory like the real worker does. Each report carries ``samples``
 (a forget and a retain set, :func:`samples`) like the real evaluation's generations table.
+
+``RAYSWEEP_FAKE_KILL=METHOD:N[,METHOD:N]`` (with ``RAYSWEEP_FAKE_LOG``): the first N attempts of a
+trial of METHOD kill their own Train worker process with SIGKILL in the middle of epoch 2 (a
+count per method is kept in files next to the log), as an out-of-memory kill or a lost node would.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +92,24 @@ def samples(method: str, epoch: int, mu: float, fe: float) -> dict[str, list[dic
     return {"forget": forget, "retain": retain}
 
 
+def _kill_if_asked(cfg) -> None:
+    """SIGKILL this process if ``RAYSWEEP_FAKE_KILL`` asks for one more kill of this method."""
+    spec, log = os.environ.get("RAYSWEEP_FAKE_KILL"), os.environ.get("RAYSWEEP_FAKE_LOG")
+    if not spec or not log:
+        return
+    wanted = dict(item.rsplit(":", 1) for item in spec.split(","))
+    method = cfg.training.method
+    if method not in wanted:
+        return
+    counter = Path(f"{log}.killed-{method.replace('+', '_')}")
+    done = int(counter.read_text()) if counter.exists() else 0
+    if done >= int(wanted[method]):
+        return
+    counter.write_text(str(done + 1))
+    _log("killed", cfg, epoch=2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run(cfg, reporter, use_gpu: bool = False):
     tr = cfg.training
     sleep = float(os.environ.get("RAYSWEEP_FAKE_SLEEP", "0.3"))
@@ -95,6 +118,8 @@ def run(cfg, reporter, use_gpu: bool = False):
     _log("start", cfg)
     for epoch in range(1, tr.epochs + 1):
         time.sleep(sleep)
+        if epoch == 2:
+            _kill_if_asked(cfg)
         if diverge_lr and math.isclose(tr.lr, float(diverge_lr)) and tr.method == diverge_method and epoch == 2:
             from raysweep.train import DivergenceError
 

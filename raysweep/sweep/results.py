@@ -95,8 +95,9 @@ def error_reason(text: str | None) -> str | None:
         return None
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in lines:
-        if "TrialDiverged: " in line:
-            return line.split("TrialDiverged: ", 1)[1]
+        for ours in ("TrialDiverged: ", "TrialWorkerDied: "):  # raysweep.sweep.trial's one-line reasons
+            if ours in line:
+                return line.split(ours, 1)[1]
     for line in reversed(lines):
         if ": " in line and not line.startswith(("File ", "^", "~")):
             return line[:500]

@@ -20,7 +20,8 @@ from typing import Any
 
 from raysweep.config import SweepConfig
 from raysweep.sweep.results import (
-    ERRORED, FINISHED, TUNE_KEYS, best_row, early_stopped, error_reason, pareto_front, sampled_params,
+    ERRORED, FINISHED, TUNE_KEYS, best_row, early_stopped, error_reason, pareto_front, result_step,
+    sampled_params,
 )
 from raysweep.sweep.space import trial_experiment
 from raysweep.sweep.storage import is_remote, read_text, write_json
@@ -51,10 +52,23 @@ def _error_text(trial: Any) -> str | None:
     return read_text(f"{trial.path}/{filename}")
 
 
+def last_attempt(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the trial's last attempt. Tune appends every attempt's reports to one result
+    file: a retry (``search.max_failures``, e.g. after a killed worker) or a trial restarted by
+    ``--resume`` runs from epoch 1 again, so a step at or below the previous row's starts a new
+    attempt."""
+    start = 0
+    for i in range(1, len(history)):
+        step, previous = result_step(history[i]), result_step(history[i - 1])
+        if step is not None and previous is not None and step <= previous:
+            start = i
+    return history[start:]
+
+
 def trial_summary(trial: Any, frame: Any) -> dict[str, Any]:
     """One trial of an ``ExperimentAnalysis`` with its result frame, as a ``trials.json`` entry."""
     history = [] if frame is None or frame.empty else [_clean_row(r) for r in frame.to_dict("records")]
-    history = [h for h in history if "objective" in h]
+    history = last_attempt([h for h in history if "objective" in h])
     params = sampled_params(trial.config)
     best = best_row(history)
     checkpoints = [h["checkpoint_path"] for h in history if h.get("checkpoint_path")]

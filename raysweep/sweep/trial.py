@@ -20,6 +20,9 @@ config). The function is called as ``fn(cfg: ExperimentConfig, reporter, use_gpu
 must call ``reporter(report)`` once per epoch on every rank, where ``report`` has the attributes
 ``epoch``, ``metrics`` and ``checkpoint`` of ``raysweep.train.EpochReport`` (or is a metrics dict).
 
+A Train worker process that dies (SIGKILL, the OOM killer, a lost node) ends the attempt with
+:class:`TrialWorkerDied` and a one-line reason; Tune retries it per ``search.max_failures``.
+
 Divergence: a ``DivergenceError`` (recognised by class name anywhere in the exception chain, so
 this module does not import the heavy ``raysweep.train``) ends the trial as ERRORED with the
 message ``DivergenceError: ...``; the message is also written to ``diverged.txt`` in the trial
@@ -34,6 +37,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,6 +57,12 @@ FORWARDED_ENV_PREFIX = "RAYSWEEP_"
 
 class TrialDiverged(RuntimeError):
     """Raised by the trial driver when the worker's loss diverged (Tune marks the trial ERRORED)."""
+
+
+class TrialWorkerDied(RuntimeError):
+    """Raised by the trial driver when a Train worker process died (SIGKILL, the OOM killer, a
+    crash): Tune retries the trial per ``search.max_failures``, then records it ERRORED with this
+    one-line reason instead of Ray's page of text."""
 
 
 
@@ -156,6 +166,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except Exception as err:  # noqa: BLE001 - classified below, re-raised
         message = divergence_message(err)
         if message is None:
+            died = worker_death_message(err)
+            if died is not None:
+                raise TrialWorkerDied(died) from err
             raise
         if local:
             try:
@@ -189,6 +202,41 @@ def divergence_message(err: BaseException) -> str | None:
             stack.extend(failures.values())
         for attr in ("controller_failure", "_error"):
             stack.append(getattr(exc, attr, None))
+    return None
+
+
+def _exception_chain(err: BaseException):
+    """``err``, its causes and contexts, and the per-rank failures of a Ray Train error."""
+    seen: set[int] = set()
+    stack: list[Any] = [err]
+    while stack:
+        exc = stack.pop()
+        if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
+            continue
+        seen.add(id(exc))
+        yield exc
+        stack.extend([exc.__cause__, exc.__context__, getattr(exc, "cause", None)])
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+
+
+def worker_death_message(err: BaseException) -> str | None:
+    """``"WorkerDied: ..."`` if a Train worker's process died, else None. Ray Train reports it as a
+    failed health check of the rank, whose text holds Ray's ``ActorDiedError`` ("... its worker
+    process has died. Worker exit type: ..."); the class may be the failure itself."""
+    for exc in _exception_chain(err):
+        failures = getattr(exc, "worker_failures", None)
+        candidates = list(failures.items()) if isinstance(failures, dict) else [(None, exc)]
+        for rank, failure in candidates:
+            names = {cls.__name__ for cls in type(failure).__mro__}
+            text = str(failure)
+            if "ActorDiedError" in names or "worker process has died" in text or "actor died unexpectedly" in text:
+                exit_type = re.search(r"Worker exit type: (\w+)", text)
+                where = f"rank {rank}" if rank is not None else "a worker"
+                return (f"WorkerDied: the Train worker process of {where} died mid-trial"
+                        f"{f' (exit type {exit_type.group(1)})' if exit_type else ''}: killed (SIGKILL, the OOM "
+                        "killer, a lost node) or crashed; see the trial's error.txt")
     return None
 
 
