@@ -196,3 +196,152 @@ def test_dedupe_on_optuna_never_repeats_a_point_of_a_small_space(capsys):
     assert any(len(set(proposals(False, seed))) < 4 for seed in range(5))
     for seed in range(5):
         assert len(set(proposals(True, seed))) == 4, seed
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_trial_writes_what_the_trial_ran_and_refuses_an_unknown_id(tmp_path, capsys):
+    import json
+    import shutil
+
+    from raysweep.config import load_config
+    from raysweep.report import main as report_main
+    from raysweep.sweep.space import trial_experiment
+
+    exp = tmp_path / "exp"
+    trial_dir = exp / "run_trial_abc"
+    trial_dir.mkdir(parents=True)
+    cfg = SweepConfig.model_validate({"experiment": {"training": {"seed": 7}},
+                                      "search": {"methods": ["ME+GD", "NPO+GD"], "resources": {"cpus_per_worker": 2}}})
+    (exp / "sweep.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    params = {"method": "NPO+GD", "lr": 3e-4, "epochs": 2, "forget_coeff": 0.5, "reg_coeff": 1.0, "beta": 0.2}
+    ran = trial_experiment(cfg.experiment, params, str(trial_dir / "outputs"))
+    (trial_dir / "experiment.json").write_text(ran.model_dump_json())
+    summary = {"trial_id": "abc", "trial_name": "run_trial_abc", "path": str(trial_dir), "status": "TERMINATED",
+               "params": params, "best": {"objective": 0.6, "MU": 0.5, "FE": 0.7}, "best_epoch": 2,
+               "early_stopped": False}
+    (exp / "trials.json").write_text(json.dumps([summary]))
+
+    expected = ran.model_copy(deep=True)
+    expected.training.output_dir = None
+    assert report_main([str(exp), "--export-trial", "abc"]) == 0
+    assert capsys.readouterr().out.strip() == f"{exp}/abc.yaml"
+    exported = load_config(exp / "abc.yaml")
+    assert exported.experiment == expected and exported.experiment.training.seed == 7
+    assert exported.search.methods == ["NPO+GD"] and exported.search.resources.cpus_per_worker == 2
+    assert (exp / "abc.yaml").read_text().startswith("# raysweep trial abc (run_trial_abc)")
+
+    shutil.rmtree(trial_dir)  # no experiment.json: rebuilt from sweep.json the way the trial was
+    assert report_main([str(exp), "--export-trial", "run_trial_abc", "--out", str(tmp_path / "t.yaml")]) == 0
+    assert load_config(tmp_path / "t.yaml").experiment == expected
+    capsys.readouterr()
+
+    assert report_main([str(exp), "--export-trial", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {exp}: no trial 'nope' (trials: abc)"]
+    assert report_main([str(tmp_path / "missing"), "--export-trial", "abc"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- through Tune
+
+
+GUARDED = {
+    "experiment": {"name": "guards", "training": {"lr": 1e-5, "epochs": 4, "warmup_epochs": 1.0}},
+    "search": {
+        "methods": ["GA+GD", "NPO+GD"],
+        # 2 methods x 2 learning rates: 4 configs, which 4 de-duplicated proposals must cover
+        "space": {"lr": {"choice": [1e-5, 1e-4]}, "epochs": 4, "beta": 0.1},
+        "overrides": {"GA+GD": {"forget_coeff": 0.05}, "NPO+GD": {"forget_coeff": 1.0}},
+        "num_samples": 4,
+        "max_concurrent": 1,  # results in start order: the scheduler's decisions can be replayed
+        "seed": 0,  # a seed whose order exercises the per-method floor (checked below)
+        "enqueue_defaults": False,
+        "dedupe": True,
+        "scheduler": {"type": "asha", "grace_period": "auto", "reduction_factor": 2, "metric": "best_so_far",
+                      "keep_best_per_method": True, "revisit": True},
+    },
+}
+
+
+def replay(trials: list[dict], keep_best_per_method: bool) -> dict[str, int]:
+    """The epoch each trial must end at: RungScheduler's policy on the fake worker's known curves
+    (best so far), trials one after another in start order."""
+    import fake_worker
+
+    s = RungScheduler(metric="objective_best", max_t=4, grace_period=2, reduction_factor=2,
+                      keep_best_per_method=keep_best_per_method, revisit=True)
+    ends = {}
+    for t in trials:
+        p, best = t["params"], float("-inf")
+        for epoch in range(1, 5):
+            best = max(best, fake_worker.objective(p["lr"], p["forget_coeff"], epoch))
+            if epoch == 4 or s.decide(t["trial_id"], p["method"], epoch, best) == STOP:
+                ends[t["trial_id"]] = epoch
+                break
+    return ends
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_search_guards_through_tune(tmp_path):
+    import json
+    from pathlib import Path
+
+    import fake_worker
+    from test_tune import fake_env, run_cli, tail, write_yaml
+
+    from raysweep.config import load_config
+    from raysweep.report import main as report_main
+    from raysweep.tracking import TAG_PARENT, client_for
+
+    space = write_yaml(tmp_path / "space.yaml", GUARDED)
+    log = tmp_path / "driver.log"
+    proc = run_cli(["--space", str(space), "--storage", str(tmp_path / "results"), "--name", "guards",
+                    "--set", "tracking.log_generations=false"], fake_env(tmp_path, RAYSWEEP_FAKE_SLEEP="0.2"), log)
+    assert proc.returncode == 0, tail(log)
+    path = tmp_path / "results" / "guards"
+    trials = json.loads((path / "trials.json").read_text())  # in start order
+
+    # dedupe: four proposals, four different configs (the whole space)
+    assert len({(t["params"]["method"], t["params"]["lr"]) for t in trials}) == 4
+    # metric best_so_far: every epoch carries objective_best, the running max of objective
+    for t in trials:
+        objectives = [row["objective"] for row in t["history"]]
+        assert [row["objective_best"] for row in t["history"]] == [max(objectives[:i + 1]) for i in range(len(objectives))]
+    # grace auto (after the 1-epoch warm-up) + per-method floor + revisit: the trials ended where the
+    # policy says, and without the floor at least one would have ended elsewhere
+    ends = {t["trial_id"]: t["last"]["epoch"] for t in trials}
+    assert ends == replay(trials, keep_best_per_method=True), [(t["params"], t["last"]["epoch"]) for t in trials]
+    assert ends != replay(trials, keep_best_per_method=False)
+    assert min(ends.values()) == 2  # the first rung is epoch 2, not epoch 1
+
+    # every option in the MLflow parent run
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("raysweep").experiment_id])
+    parent = next(r for r in runs if TAG_PARENT not in r.data.tags).data.params
+    assert {k: parent[k] for k in ("search.scheduler.grace_period", "search.scheduler.grace_epochs",
+                                   "search.scheduler.metric", "search.scheduler.keep_best_per_method",
+                                   "search.scheduler.revisit", "search.dedupe")} == {
+        "search.scheduler.grace_period": "auto", "search.scheduler.grace_epochs": "2",
+        "search.scheduler.metric": "best_so_far", "search.scheduler.keep_best_per_method": "True",
+        "search.scheduler.revisit": "True", "search.dedupe": "True"}
+
+    # best.yaml: the best trial as an experiment file, which reproduces its reported epochs
+    best = json.loads((path / "best.json").read_text())
+    rerun = load_config(path / "best.yaml")
+    trial = next(t for t in trials if t["trial_id"] == best["trial_id"])
+    ran = json.loads((Path(trial["path"]) / "experiment.json").read_text())
+    ran["training"]["output_dir"] = None
+    assert rerun.experiment.model_dump(mode="json") == ran and rerun.search.methods == [best["params"]["method"]]
+    reports = []
+    fake_worker.run(rerun.experiment, reports.append)
+    for row in trial["history"]:
+        assert reports[row["epoch"] - 1].metrics["objective"] == pytest.approx(row["objective"], abs=1e-12)
+    # --export-trial: any trial; an unknown id is one line and exit 2
+    other = trials[-1]
+    assert report_main([str(path), "--export-trial", other["trial_id"]]) == 0
+    exported = load_config(path / f"{other['trial_id']}.yaml")
+    assert exported.experiment.training.lr == other["params"]["lr"]
+    assert exported.experiment.training.method == other["params"]["method"]

@@ -7,6 +7,7 @@ The method facts (which methods use β, their paper defaults) come from the meth
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import warnings
@@ -270,17 +271,14 @@ class DedupeSearcher(_searcher_base()):
             self.last[trial_id] = result
         self.searcher.on_trial_complete(self.inner.get(trial_id, trial_id), result=result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        import pickle
+    # Tune saves a wrapper's own state (get_state) and the innermost searcher's (save) apart.
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
 
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 def num_samples(sweep: SweepConfig) -> int:
