@@ -1,8 +1,9 @@
 """Search efficiency: the paper's grid against TPE + ASHA, in trial-epochs, on the embedded default.
 
-    python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1] [--startup N] [--tpe-space wide|grid-box]
-                                      [--reduction-factor 2] [--space search_spaces/tiny.yaml]
-                                      [--out docs/bench] [--work DIR]
+    python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1|auto] [--startup N] [--tpe-space wide|grid-box]
+                                      [--reduction-factor 2] [--keep-best-per-method] [--revisit]
+                                      [--metric last|best_so_far] [--sampler tpe|random]
+                                      [--space search_spaces/tiny.yaml] [--out docs/bench] [--work DIR]
 
 For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
 embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fixed in both:
@@ -10,8 +11,10 @@ embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fix
 - **grid** (``search.algorithm: grid``, no scheduler): the paper's protocol — 3 learning rates
   × {3, 5} epochs per method, 12 trials, 48 trial-epochs. The paper's 1e-5 / 2e-5 / 5e-5 for 7B
   models are scaled to the tiny model's range as 4e-4 / 8e-4 / 2e-3 (same 1 : 2 : 5 ratios).
-- **TPE + ASHA** (``algorithm: optuna``, ASHA grace ``--grace`` epochs (default 1, tiny.yaml's),
-  reduction factor 2), the same number of trials (12), no enqueued defaults (so that it gets no
+- **TPE + ASHA** (``algorithm: optuna``, ASHA grace ``--grace`` epochs (default 1, the earlier
+  runs'; ``auto``: after the warm-up), reduction factor 2, the issue #16 guards off unless
+  ``--keep-best-per-method`` / ``--revisit`` / ``--metric best_so_far``; ``--sampler random``: the
+  baseline, every trial a random start-up trial), the same number of trials (12), no enqueued defaults (so that it gets no
   grid point for free), over ``--tpe-space``: ``wide`` (tiny.yaml's ranges: lr log-uniform over
   [1e-4, 3e-3], epochs 2–5 sampled) or ``grid-box`` (lr log-uniform over the grid's span
   [4e-4, 2e-3], epochs fixed at the grid's longest, 5, and cut short by ASHA: epochs as the
@@ -59,10 +62,15 @@ TPE_SPACES = {
 class TpeArm:
     """The TPE + ASHA settings under test (the grid arm has none)."""
 
-    grace: int = 1  # ASHA grace period, epochs
+    grace: str = "1"  # ASHA grace period, epochs, or "auto" (after the warm-up)
     startup: int | None = None  # TPE's random start-up trials (None: raysweep's default)
     tpe_space: str = "wide"  # a TPE_SPACES key
     reduction_factor: int = 2  # ASHA's
+    # issue #16's guards (search.scheduler.*); off = the scheduler of the earlier runs
+    keep_best: bool = False
+    revisit: bool = False
+    metric: str = "last"
+    sampler: str = "tpe"  # random: every trial a TPE start-up trial (random search, same ASHA)
 
     def suffix(self) -> str:
         """Run-name suffix; the settings of earlier runs keep their earlier names."""
@@ -71,14 +79,19 @@ class TpeArm:
             from raysweep.config import SearchConfig
 
             startup = SearchConfig(num_samples=len(GRID_LRS) * len(GRID_EPOCHS) * 2).startup_trials()
-        return (f"_grace{self.grace}_startup{startup}"
+        return (f"_grace{self.grace}" + ("_random" if self.sampler == "random" else f"_startup{startup}")
                 + ("" if self.tpe_space == "wide" else "_" + self.tpe_space.replace("-", ""))
-                + ("" if self.reduction_factor == 2 else f"_rf{self.reduction_factor}"))
+                + ("" if self.reduction_factor == 2 else f"_rf{self.reduction_factor}")
+                + ("_keepbest" if self.keep_best else "") + ("_revisit" if self.revisit else "")
+                + ("_bestsofar" if self.metric == "best_so_far" else ""))
 
     def label(self) -> str:
         startup = "default" if self.startup is None else self.startup
-        return (f"TPE ({startup} start-up, {self.tpe_space}) + ASHA (grace {self.grace}, "
-                f"rf {self.reduction_factor})")
+        search = "random" if self.sampler == "random" else f"TPE ({startup} start-up, {self.tpe_space})"
+        guards = [g for g, on in (("keep best/method", self.keep_best), ("revisit", self.revisit),
+                                  ("best so far", self.metric == "best_so_far")) if on]
+        return (f"{search} + ASHA (grace {self.grace}, rf {self.reduction_factor}"
+                + (", " + ", ".join(guards) if guards else "") + ")")
 
 
 def sweep_args(arm: str, seed: int, tpe: TpeArm = TpeArm()) -> list[str]:
@@ -102,10 +115,14 @@ def sweep_args(arm: str, seed: int, tpe: TpeArm = TpeArm()) -> list[str]:
         specific = [
             "search.algorithm=optuna",
             f"search.space={{{TPE_SPACES[tpe.tpe_space]}, {FIXED}}}",
-            f"search.scheduler={{type: asha, grace_period: {tpe.grace}, reduction_factor: {tpe.reduction_factor}}}",
+            f"search.scheduler={{type: asha, grace_period: {tpe.grace}, reduction_factor: {tpe.reduction_factor}, "
+            f"keep_best_per_method: {str(tpe.keep_best).lower()}, revisit: {str(tpe.revisit).lower()}, "
+            f"metric: {tpe.metric}}}",
             f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
         ]
-        if tpe.startup is not None:
+        if tpe.sampler == "random":  # all trials TPE start-up trials: random search
+            specific.append(f"search.tpe_startup_trials={len(GRID_LRS) * len(GRID_EPOCHS) * 2}")
+        elif tpe.startup is not None:
             specific.append(f"search.tpe_startup_trials={tpe.startup}")
     return [part for item in common + specific for part in ("--set", item)]
 
@@ -190,13 +207,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--space", default=str(REPO / "search_spaces" / "tiny.yaml"))
     parser.add_argument("--out", default=str(REPO / "docs" / "bench"))
-    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the TPE + ASHA arm")
+    parser.add_argument("--grace", default="1", help="ASHA grace period (epochs, or auto) of the TPE + ASHA arm")
     parser.add_argument("--startup", type=int, default=None,
                         help="search.tpe_startup_trials of the TPE arm (default: raysweep's, num_samples // 4)")
     parser.add_argument("--tpe-space", choices=sorted(TPE_SPACES), default="wide",
                         help="wide: tiny.yaml's ranges (epochs sampled); grid-box: the grid's lr span, "
                              "epochs fixed at its longest and cut by ASHA")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA's reduction factor")
+    parser.add_argument("--keep-best-per-method", action="store_true", help="search.scheduler.keep_best_per_method")
+    parser.add_argument("--revisit", action="store_true", help="search.scheduler.revisit")
+    parser.add_argument("--metric", choices=["last", "best_so_far"], default="last", help="search.scheduler.metric")
+    parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
+                        help="random: the baseline arm, random search with the same ASHA")
     parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
     args = parser.parse_args()
     work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
@@ -210,7 +232,8 @@ def main() -> None:
     from raysweep.scenarios import ensure_embedded_for
 
     ensure_embedded_for(load_config(space).experiment)
-    tpe = TpeArm(args.grace, args.startup, args.tpe_space, args.reduction_factor)
+    tpe = TpeArm(str(args.grace), args.startup, args.tpe_space, args.reduction_factor,
+                 args.keep_best_per_method, args.revisit, args.metric, args.sampler)
     suffix = tpe.suffix()
 
     def arm_result(arm: str, seed: int) -> dict:

@@ -316,10 +316,28 @@ class ParamSpace(Strict):
 
 
 class SchedulerConfig(Strict):
+    """ASHA on the reported epochs (docs/BENCHMARKS.md, "Why good configurations die early")."""
+
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=1, ge=1)
+    # epochs before the first rung; auto: ceil(experiment.training.warmup_epochs) + 1, so that no
+    # trial is judged inside its lr warm-up (raysweep.sweep.schedule.grace_epochs)
+    grace_period: Union[Literal["auto"], int] = "auto"
     reduction_factor: float = Field(default=2.0, gt=1)
     max_t: int | None = Field(default=None, ge=1)  # default: the largest epochs in the space
+    # what a rung compares: the objective of the rung's epoch, or the trial's best so far
+    metric: Literal["last", "best_so_far"] = "last"
+    # never stop, at its first rung, a trial that is the best of its method there so far
+    keep_best_per_method: bool = True
+    # re-judge a running trial at the rungs it passed as they fill (a first arrival's free pass
+    # is withdrawn once the rung has enough values to place it below the cut-off)
+    revisit: bool = False
+
+    @field_validator("grace_period", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, builtins.int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
 
 
 class ResourcesConfig(Strict):
@@ -342,6 +360,9 @@ class SearchConfig(Strict):
     # to [2, 10] (Optuna's own default of 10 leaves a 12-trial sweep almost random)
     tpe_startup_trials: int | None = Field(default=None, ge=1)
     enqueue_defaults: bool = True  # the paper's defaults of each method are tried first
+    # a proposal equal to an earlier trial's configuration (floats compared to 6 significant
+    # digits) is not run: Optuna is told the earlier result and asked again
+    dedupe: bool = True
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=1, ge=1)

@@ -2,7 +2,9 @@
 
 The YAML is a sweep file (a search-space file with single values is fine); the run uses its
 ``experiment`` section as it is, ``experiment.training.method`` naming the method.  Per-epoch
-metrics are printed as they come.
+metrics are printed as they come.  On CPU, a file that sets ``search.resources.cpus_per_worker``
+runs with that many torch threads, as a sweep trial does, so that a sweep's ``best.yaml`` (or a
+``raysweep.report --export-trial`` file) reproduces the trial's metrics exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.scenarios import preflight_data
 
     preflight_data(cfg.experiment)
+    resources = cfg.search.resources
+    if not resources.use_gpu and "cpus_per_worker" in resources.model_fields_set:
+        import torch
+
+        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # what the trial's worker had
 
     from raysweep.runner import run_experiment
     from raysweep.train import DivergenceError

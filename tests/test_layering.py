@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "raysweep"
 # raysweep/sweep/, bottom to top: a module may import only the ones before it.
-SWEEP_ORDER = ["storage", "results", "space", "cluster", "summary", "mlflow_store", "generations", "tracking", "mlflow_ui", "console",
+SWEEP_ORDER = ["storage", "results", "schedule", "space", "export", "cluster", "summary", "mlflow_store", "generations", "tracking", "mlflow_ui", "console",
                "trial", "modelcheck", "plan", "tuner", "report_data", "plots", "report"]
 # The commands and the old module paths sit on top of raysweep.sweep; nothing in it imports them.
 ON_TOP = {"raysweep.tune", "raysweep.tracking", "raysweep.trial", "raysweep.report", "raysweep.cli",

@@ -484,7 +484,8 @@ E2E = {
         "num_samples": 4,
         "max_concurrent": 1,  # one trial at a time: ASHA sees results in start order, so its stops are computable
         "seed": 3,
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        # Ray's own ASHA (no guard), replayed by expected_asha_stops; the guards: test_search_guards_through_tune
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "keep_best_per_method": False},
     },
 }
 

@@ -101,6 +101,24 @@ def test_sweep_on_the_embedded_model(embedded, embedded_specs, raysweep_cache, t
     assert quality[0].value == pytest.approx(expected_forget_quality(unlearned, retain), rel=1e-6)
     assert (exp_dir / "report.md").is_file() and (exp_dir / "mu_fe.png").is_file()
 
+    # best.yaml re-runs the best trial without Ray: on CPU at the same seed, the same metrics to 1e-6
+    # at every epoch the trial reported (an early-stopped trial's rerun goes on past them)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYSWEEP_", "RAY_ADDRESS"))}
+    rerun = subprocess.run([sys.executable, "-m", "raysweep.unlearn", "--config", str(exp_dir / "best.yaml")],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env={**env, "RAYSWEEP_CACHE": raysweep_cache})
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    epochs = {row["epoch"]: row for row in map(json.loads, (line for line in rerun.stdout.splitlines()
+                                                             if line.startswith("{")))}
+    recorded = next(t for t in trials if t["trial_id"] == best["trial_id"])["history"]
+    for row in recorded:
+        again = epochs[row["epoch"]]
+        shared = [k for k, v in row.items() if isinstance(v, float) and k in again and k != "objective_best"
+                  and not k.startswith(("time", "timestamp"))]
+        assert {"objective", "MU", "FE", "forget_quality"} <= set(shared), shared
+        for key in shared:
+            assert again[key] == pytest.approx(row[key], abs=1e-6), (row["epoch"], key)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)

@@ -169,6 +169,12 @@ def sweep_params(sweep: Any) -> dict[str, str]:
     # Range fields left as None by model_dump are noise: "search.space.lr.uniform" = "None".
     params = {k: v for k, v in params.items()
               if not (re.search(r"\.(loguniform|uniform|int|choice)$", k) and v == "None")}
+    if sweep.search.scheduler.type == "asha":  # grace_period "auto" resolved (issue #16)
+        from raysweep.sweep.schedule import grace_epochs
+        from raysweep.sweep.space import SpaceBuilder
+
+        max_t = sweep.search.scheduler.max_t or SpaceBuilder(sweep).max_epochs()
+        params["search.scheduler.grace_epochs"] = str(grace_epochs(sweep, max_t))
     for method in sweep.search.methods:
         space = sweep.search.space_for(method).model_dump(mode="json", exclude_none=True)
         for key, value in flatten(space).items():

@@ -176,13 +176,14 @@ def simulate(sweep: Any, concurrent: int, setup: float, epoch: float, seed: int,
 
     from ray.tune.schedulers.async_hyperband import _Bracket
 
+    from raysweep.sweep.schedule import grace_epochs
     from raysweep.sweep.space import SpaceBuilder
 
     rng = random.Random(seed)
     sched = sweep.search.scheduler
     max_t = sched.max_t or SpaceBuilder(sweep).max_epochs()
     asha = asha and sched.type == "asha"
-    bracket = _Bracket(min_t=sched.grace_period, max_t=max_t, reduction_factor=sched.reduction_factor, s=0)
+    bracket = _Bracket(min_t=grace_epochs(sweep, max_t), max_t=max_t, reduction_factor=sched.reduction_factor, s=0)
 
     class _T:
         def __init__(self, i):
@@ -334,8 +335,17 @@ def describe(sweep: Any) -> list[str]:
         lines.append(f"num_samples: {num_samples(sweep)} (paper defaults enqueued first: {search.enqueue_defaults})")
     sched = search.scheduler
     if sched.type == "asha":
-        lines.append(f"scheduler: ASHA, grace_period {sched.grace_period}, reduction_factor {sched.reduction_factor:g}, "
-                     f"max_t {sched.max_t or space.max_epochs()}")
+        from raysweep.sweep.schedule import grace_epochs
+
+        max_t = sched.max_t or space.max_epochs()
+        grace = grace_epochs(sweep, max_t)
+        if sched.grace_period == "auto":
+            grace = f"{grace} (auto: after the warm-up" + (", = max_t: no early stop)" if grace == max_t else ")")
+        guards = [name for name, on in (("keep_best_per_method", sched.keep_best_per_method),
+                                        ("revisit", sched.revisit)) if on]
+        lines.append(f"scheduler: ASHA, grace_period {grace}, reduction_factor {sched.reduction_factor:g}, "
+                     f"max_t {max_t}, metric {sched.metric}"
+                     + (f", {', '.join(guards)}" if guards else ""))
     else:
         lines.append("scheduler: none (every trial runs all its epochs)")
     return lines

@@ -7,6 +7,7 @@ The method facts (which methods use β, their paper defaults) come from the meth
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import warnings
@@ -198,7 +199,86 @@ def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
         sampler=sampler,
         points_to_evaluate=space.default_points() if search.enqueue_defaults else None,
     )
+    if search.dedupe:
+        searcher = DedupeSearcher(searcher)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def config_key(config: dict[str, Any]) -> tuple:
+    """What makes two trial configs the same: the flat values (not Optuna's per-method copies),
+    floats to 6 significant digits (a log-uniform lr printed as 1.07e-3 is one config)."""
+    return tuple(sorted((k, float(f"{v:.6g}") if isinstance(v, float) else v)
+                        for k, v in config.items() if not isinstance(v, dict)))
+
+
+def _searcher_base():
+    from ray.tune.search import Searcher
+
+    return Searcher
+
+
+class DedupeSearcher(_searcher_base()):
+    """``search.dedupe``: a searcher that never hands Tune a configuration it already ran.
+
+    A proposal equal (:func:`config_key`) to an earlier trial's is answered inside: the wrapped
+    searcher is told the earlier trial's last result for it (or that it failed, while the earlier
+    trial still runs), and is asked again, up to ``tries`` times; after that the repeat runs, with
+    a warning. ``repeats`` counts the proposals answered this way.
+    """
+
+    def __init__(self, searcher: Any, tries: int = 20):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher, self.tries = searcher, tries
+        self.seen: dict[tuple, str] = {}  # config key -> the trial that ran it
+        self.last: dict[str, dict] = {}  # trial id -> its last result
+        self.inner: dict[str, str] = {}  # Tune's trial id -> the wrapped searcher's (after re-asks)
+        self.repeats = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return False  # the ConcurrencyLimiter around this limits
+
+    def suggest(self, trial_id: str) -> dict | None:
+        inner_id = trial_id
+        config = self.searcher.suggest(inner_id)
+        for attempt in range(1, self.tries + 1):
+            earlier = self._earlier(config)
+            if earlier is None:
+                break
+            self.repeats += 1
+            self.searcher.on_trial_complete(inner_id, result=self.last.get(earlier), error=earlier not in self.last)
+            inner_id = f"{trial_id}-repeat{attempt}"  # a fresh id: the wrapped searcher's trial
+            config = self.searcher.suggest(inner_id)
+        if self._earlier(config) is not None:
+            print(f"warning: search.dedupe: {self.tries} proposals in a row repeated earlier trials; "
+                  "running the repeat", flush=True)
+        self.inner[trial_id] = inner_id
+        if isinstance(config, dict):
+            self.seen.setdefault(config_key(config), trial_id)
+        return config
+
+    def _earlier(self, config: Any) -> str | None:
+        return self.seen.get(config_key(config)) if isinstance(config, dict) else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.last[trial_id] = result
+        self.searcher.on_trial_result(self.inner.get(trial_id, trial_id), result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None:
+            self.last[trial_id] = result
+        self.searcher.on_trial_complete(self.inner.get(trial_id, trial_id), result=result, error=error)
+
+    # Tune saves a wrapper's own state (get_state) and the innermost searcher's (save) apart.
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 def num_samples(sweep: SweepConfig) -> int:
@@ -217,28 +297,18 @@ def param_space(sweep: SweepConfig, space: SpaceBuilder) -> dict[str, Any] | Non
 
 
 def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
-    """ASHA on ``objective`` per reported epoch (also in Pareto mode: it needs one number)."""
-    sched = sweep.search.scheduler
-    if sched.type == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA on ``objective`` (or ``objective_best``) per reported epoch, also in Pareto mode (it
+    needs one number), with the guards of :mod:`raysweep.sweep.schedule`; or no scheduler."""
+    from raysweep.sweep.schedule import build_scheduler as build
 
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric="objective",
-        mode="max",
-        max_t=sched.max_t or space.max_epochs(),
-        grace_period=sched.grace_period,
-        reduction_factor=sched.reduction_factor,
-    )
+    return build(sweep, sweep.search.scheduler.max_t or space.max_epochs())
 
 
 def check_scheduler(sweep: SweepConfig, space_file: str) -> None:
-    """ASHA's grace period must fit in the epochs a trial can run (exit 2 naming the key)."""
-    sched, max_epochs = sweep.search.scheduler, SpaceBuilder(sweep).max_epochs()
-    if sched.type == "asha" and sched.grace_period > (sched.max_t or max_epochs):
-        fail(space_file, "search.scheduler.grace_period",
-             f"{sched.grace_period} is larger than max_t ({sched.max_t or max_epochs} epochs)")
+    """ASHA's first rung must fit in the epochs a trial can run (exit 2 naming the key)."""
+    from raysweep.sweep.schedule import check_grace
+
+    check_grace(sweep, sweep.search.scheduler.max_t or SpaceBuilder(sweep).max_epochs(), space_file)
 
 
 def build_reporter(sweep: SweepConfig, space: SpaceBuilder):

@@ -21,7 +21,10 @@ def _remote(path: str):
 
 
 def write_json(path: str, data: Any, mkdir: bool = False) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n", mkdir)
+
+
+def write_text(path: str, text: str, mkdir: bool = False) -> None:
     if is_remote(path):
         fs, inner = _remote(path)
         if mkdir:

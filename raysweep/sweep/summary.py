@@ -215,18 +215,20 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def write_results(path: str, summaries: list[dict[str, Any]], record: dict[str, Any] | None) -> list[str]:
-    """``trials.json`` and ``best.json`` (when there is a best trial) in the experiment directory;
-    returns them as local files for MLflow (copies in a temporary directory for remote storage)."""
-    write_json(f"{path}/trials.json", summaries)
-    if record is not None:
-        write_json(f"{path}/best.json", record)
-    if not is_remote(path):
-        return [f for f in (f"{path}/best.json", f"{path}/trials.json") if Path(f).is_file()]
-    local = Path(tempfile.mkdtemp(prefix="raysweep-results-"))
-    write_json(str(local / "trials.json"), summaries)
-    if record is not None:
-        write_json(str(local / "best.json"), record)
-    return sorted(str(f) for f in local.glob("*.json"))
+    """``trials.json``, and ``best.json`` and ``best.yaml`` (the best trial as an experiment file,
+    :mod:`raysweep.sweep.export`) when there is a best trial, in the experiment directory; returns
+    them as local files for MLflow (copies in a temporary directory for remote storage)."""
+    from raysweep.sweep.export import BEST_YAML, write_trial_yaml
+
+    local = None if not is_remote(path) else Path(tempfile.mkdtemp(prefix="raysweep-results-"))
+    targets = [path] if local is None else [path, str(local)]
+    for where in targets:
+        write_json(f"{where}/trials.json", summaries)
+        if record is not None:
+            write_json(f"{where}/best.json", record)
+            write_trial_yaml(path, record["trial_id"], f"{where}/{BEST_YAML}", summaries)
+    names = ("best.json", BEST_YAML, "trials.json")
+    return [f"{targets[-1]}/{n}" for n in names if Path(f"{targets[-1]}/{n}").is_file()]
 
 
 def best_lines(record: dict[str, Any], path: str) -> str:

@@ -336,6 +336,7 @@ class RayReporter:
         import ray.train
 
         self._rank = ray.train.get_context().get_world_rank()
+        self._best = -math.inf  # objective_best: the best objective reported so far
         self._generations = None
         if tracking and self._rank == 0 and tracking.get("log_generations", True):
             try:
@@ -364,6 +365,9 @@ class RayReporter:
         if not math.isfinite(objective):
             # Never hand ASHA/Optuna a made-up number: the trial fails, with the reason.
             raise ValueError(f"objective is {objective} at epoch {epoch}; metrics: {metrics}")
+        # What search.scheduler.metric: best_so_far compares at a rung (raysweep.sweep.schedule).
+        self._best = max(self._best, float(objective))
+        metrics["objective_best"] = self._best
         if self._generations is not None and samples:
             step = result_step(metrics)
             if step is not None:
