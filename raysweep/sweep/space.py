@@ -216,6 +216,28 @@ def param_space(sweep: SweepConfig, space: SpaceBuilder) -> dict[str, Any] | Non
     return {GRID_KEY: tune.grid_search(space.grid_points())}
 
 
+def time_attr(sweep: SweepConfig) -> str:
+    """ASHA's clock: the reported ``epoch`` (the continual scenario: its ``step``), never the
+    count of reports, so the rungs stay right when a trial reports only some epochs
+    (``eval.every: rungs``)."""
+    return "step" if sweep.experiment.scenario == "continual" else "epoch"
+
+
+def max_t(sweep: SweepConfig, space: SpaceBuilder) -> int:
+    return sweep.search.scheduler.max_t or space.max_epochs()
+
+
+def trial_rung_epochs(sweep: SweepConfig) -> list[int]:
+    """The epochs at which ASHA decides about a trial (none without a scheduler), for
+    ``experiment.eval.rung_epochs``."""
+    sched = sweep.search.scheduler
+    if sched.type == "none":
+        return []
+    from raysweep.eval.schedule import rung_epochs
+
+    return rung_epochs(sched.grace_period, sched.reduction_factor, max_t(sweep, SpaceBuilder(sweep)))
+
+
 def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
     """ASHA on ``objective`` per reported epoch (also in Pareto mode: it needs one number)."""
     sched = sweep.search.scheduler
@@ -224,10 +246,10 @@ def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr=time_attr(sweep),
         metric="objective",
         mode="max",
-        max_t=sched.max_t or space.max_epochs(),
+        max_t=max_t(sweep, space),
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
