@@ -139,6 +139,15 @@ class EvalConfig(Strict):
     privacy: bool = True
     downstream: DownstreamConfig | None = None  # lm-eval tasks at the end of a trial
     objective_includes_downstream: bool = False  # objective = mean(MU, FE, downstream scores)
+    # epoch: evaluate (and report) after every epoch; rungs: only at the ASHA rung epochs of the
+    # sweep (grace x rf^n, and max_t) and at the trial's last epoch (raysweep.eval.schedule)
+    every: Literal["epoch", "rungs"] = "epoch"
+    # Set by the sweep from search.scheduler (TrialSetup.from_sweep), not by hand: the epochs at
+    # which ASHA compares trials. Empty = no scheduler (rungs then means the last epoch only).
+    rung_epochs: list[int] = Field(default_factory=list)
+    # ZeRO-3: evaluate on weights gathered once per evaluation (hooks off, no synced_gpus) when
+    # measured free memory holds them (auto), always, or never (every layer gathered per call)
+    gather: Literal["auto", "always", "never"] = "auto"
 
 
 class LoraConfig(Strict):

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from raysweep.config import ExperimentConfig
 from raysweep.data.unlearn_dataset import UnlearnDataset, collate_unlearn
 from raysweep.eval.metrics import objective as objective_of
+from raysweep.eval.schedule import evaluation_epochs
 from raysweep.losses import LossParams, collect_reference_logps, compute_loss, parse_method
 from raysweep.models import AdapterDisabled, apply_lora, load_model, load_tokenizer
 from raysweep.scenarios import Resolved, RunData, load_run_data, resolve
@@ -296,8 +297,10 @@ def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> d
 # ----------------------------------------------------------------------------- evaluation
 
 
-def default_evaluator(cfg: ExperimentConfig, resolved: Resolved, data: RunData, world: World) -> Evaluator:
-    """The full evaluation of ``raysweep.eval`` (R, P, TR, TE, CS, ES per set, MU, FE)."""
+def default_evaluator(cfg: ExperimentConfig, resolved: Resolved, data: RunData, world: World,
+                      engine: Any = None) -> Evaluator:
+    """The full evaluation of ``raysweep.eval`` (R, P, TR, TE, CS, ES per set, MU, FE); under
+    ZeRO-3 on the weights gathered once per evaluation (``eval.gather``) from ``engine``."""
     from raysweep.eval.evaluate import Evaluator as FullEvaluator
 
     return FullEvaluator(
@@ -307,6 +310,7 @@ def default_evaluator(cfg: ExperimentConfig, resolved: Resolved, data: RunData, 
         data_dir=resolved.data_dir,
         device=world.device,
         synced_gpus=cfg.training.deepspeed is not None and cfg.training.deepspeed.zero_stage == 3 and world.size > 1,
+        engine=engine,
     )
 
 
@@ -331,7 +335,8 @@ def run_unlearning(
     ``model``/``tokenizer``/``data`` let a caller (the continual scenario) chain runs on an
     in-memory model; by default they are loaded from ``cfg``.  ``reference``: the model NPO,
     DPO and KL compare with (default: this run's starting model).  ``evaluate_epochs``:
-    ``"every"`` epoch or only the ``"last"`` one.
+    ``"every"`` epoch that ``eval.every`` names (all, or the ASHA rungs and the last), or only
+    the ``"last"`` one.
     """
     if evaluate_epochs not in ("every", "last"):
         raise ValueError(f"evaluate_epochs must be 'every' or 'last', got {evaluate_epochs!r}")
@@ -463,7 +468,9 @@ def run_unlearning(
             ref_model = None  # NPO/DPO need only the log-probs: hold no second model
 
     if evaluator is None:
-        evaluator = default_evaluator(cfg, resolved, data, world)
+        evaluator = default_evaluator(cfg, resolved, data, world, engine if use_ds else None)
+    eval_epochs = set(evaluation_epochs("last" if evaluate_epochs == "last" else cfg.eval.every,
+                                        tr.epochs, cfg.eval.rung_epochs))
 
     # 5. epochs -----------------------------------------------------------------------------
     result = RunResult()
@@ -509,8 +516,8 @@ def run_unlearning(
                 optimizer.zero_grad(set_to_none=True)
                 optimizer_steps += 1
         train_seconds = time.perf_counter() - started
-        if evaluate_epochs == "last" and epoch < tr.epochs:
-            continue
+        if epoch not in eval_epochs:
+            continue  # eval.every: rungs evaluates (and reports) only where ASHA decides
 
         engine.eval()
         started = time.perf_counter()

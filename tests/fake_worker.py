@@ -8,6 +8,8 @@ output directory (unique per trial), method, parameters, Ray node id and pid. Ra
 and its method is ``RAYSWEEP_FAKE_DIVERGE_METHOD``. With ``training.save_checkpoint`` != none it
 writes a small checkpoint directory like the real worker does. Each report carries ``samples``
 (a forget and a retain set, :func:`samples`) like the real evaluation's generations table.
+Like the real worker it reports only the epochs ``experiment.eval.every`` evaluates (every epoch,
+or the ASHA rung epochs and the last: ``raysweep.eval.schedule.evaluation_epochs``).
 
 ``RAYSWEEP_FAKE_KILL=METHOD:N[,METHOD:N]`` (with ``RAYSWEEP_FAKE_LOG``): the first N attempts of a
 trial of METHOD kill their own Train worker process with SIGKILL in the middle of epoch 2 (a
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysweep.eval.metrics import objective as metrics_objective
+from raysweep.eval.schedule import evaluation_epochs
 
 
 @dataclass
@@ -116,6 +119,7 @@ def run(cfg, reporter, use_gpu: bool = False):
     diverge_lr = os.environ.get("RAYSWEEP_FAKE_DIVERGE_LR")
     diverge_method = os.environ.get("RAYSWEEP_FAKE_DIVERGE_METHOD")
     _log("start", cfg)
+    evaluated = evaluation_epochs(cfg.eval.every, tr.epochs, cfg.eval.rung_epochs)
     for epoch in range(1, tr.epochs + 1):
         time.sleep(sleep)
         if epoch == 2:
@@ -125,6 +129,8 @@ def run(cfg, reporter, use_gpu: bool = False):
 
             _log("diverge", cfg, epoch=epoch)
             raise DivergenceError(f"loss became nan at epoch {epoch}, batch 0 (method {tr.method}, lr {tr.lr})")
+        if epoch not in evaluated:
+            continue
         mu, fe = scores(tr.lr, tr.forget_coeff, epoch)
         metrics = {"epoch": epoch, "MU": mu, "FE": fe, "objective": objective(tr.lr, tr.forget_coeff, epoch),
                    "forget/ROUGE": 1 - fe}

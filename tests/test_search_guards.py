@@ -61,7 +61,7 @@ def test_without_guards_the_rung_scheduler_decides_as_rays_asha():
     rng = random.Random(0)
     for case in range(20):
         grace, rf, max_t = rng.choice([1, 2]), rng.choice([2, 3]), rng.choice([4, 5, 9])
-        ours = RungScheduler(metric="objective", max_t=max_t, grace_period=grace, reduction_factor=rf,
+        ours = RungScheduler(metric="objective", time_attr="training_iteration", max_t=max_t, grace_period=grace, reduction_factor=rf,
                              keep_best_per_method=False, revisit=False)
         ray_asha = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max", max_t=max_t,
                                  grace_period=grace, reduction_factor=rf)
@@ -86,7 +86,7 @@ def test_without_guards_the_rung_scheduler_decides_as_rays_asha():
 
 def test_keep_best_per_method_protects_each_methods_leader_at_the_first_rung_only():
     def scheduler(keep: bool) -> RungScheduler:
-        s = RungScheduler(metric="objective", max_t=5, grace_period=2, reduction_factor=2,
+        s = RungScheduler(metric="objective", time_attr="training_iteration", max_t=5, grace_period=2, reduction_factor=2,
                           keep_best_per_method=keep, revisit=False)
         assert s.rungs == [2, 4]
         assert s.decide("npo1", "NPO+GD", 2, 0.60) == CONTINUE  # NPO+GD forgets fast: high at rung 2
@@ -107,7 +107,7 @@ def test_keep_best_per_method_protects_each_methods_leader_at_the_first_rung_onl
 
 def test_revisit_withdraws_a_first_arrivals_free_pass_once_the_rung_fills():
     def run(revisit: bool) -> list[str]:
-        s = RungScheduler(metric="objective", max_t=5, grace_period=1, reduction_factor=2,
+        s = RungScheduler(metric="objective", time_attr="training_iteration", max_t=5, grace_period=1, reduction_factor=2,
                           keep_best_per_method=False, revisit=revisit)
         return [s.decide("a", "GA+GD", 1, 0.30),  # first at rung 1: passes on nothing
                 s.decide("b", "GA+GD", 1, 0.60),
@@ -119,7 +119,7 @@ def test_revisit_withdraws_a_first_arrivals_free_pass_once_the_rung_fills():
 
 
 def test_revisit_keeps_the_per_method_floor():
-    s = RungScheduler(metric="objective", max_t=5, grace_period=1, reduction_factor=2,
+    s = RungScheduler(metric="objective", time_attr="training_iteration", max_t=5, grace_period=1, reduction_factor=2,
                       keep_best_per_method=True, revisit=True)
     assert s.decide("me", "ME+GD", 1, 0.30) == CONTINUE
     assert s.decide("npo", "NPO+GD", 1, 0.60) == CONTINUE
@@ -270,7 +270,7 @@ def replay(trials: list[dict], keep_best_per_method: bool) -> dict[str, int]:
     (best so far), trials one after another in start order."""
     import fake_worker
 
-    s = RungScheduler(metric="objective_best", max_t=4, grace_period=2, reduction_factor=2,
+    s = RungScheduler(metric="objective_best", time_attr="training_iteration", max_t=4, grace_period=2, reduction_factor=2,
                       keep_best_per_method=keep_best_per_method, revisit=True)
     ends = {}
     for t in trials:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from raysweep.data.formatting import encode_qa, format_prompt, uses_special_tokens
 from raysweep.data.records import QARecord
+from raysweep.eval.gather import GatherPlan, evaluation_weights, is_zero3
 from raysweep.eval.generation import generate_batched
 from raysweep.eval.likelihood import answer_nlls
 from raysweep.eval.metrics import (
@@ -116,13 +117,18 @@ class Evaluator:
         holdout: list[QARecord] | None = None,
         log=lambda msg: print(msg, file=sys.stderr),
         shard: bool = True,
+        engine: Any = None,
     ):
         self.cfg = cfg
         self.ev = cfg.eval
         self.template = cfg.model.prompt_template
         self.sets = sets
         self.device = torch.device(device)
-        self.synced_gpus = synced_gpus
+        self.synced_gpus = synced_gpus  # the hooked ZeRO-3 path: every rank in every generate call
+        self._synced = synced_gpus  # this evaluation's: False while the weights are gathered
+        self.engine = engine  # a DeepSpeed engine: ZeRO-3 weights are gathered per evaluation
+        self.log = log
+        self._announced: str | None = None  # the weights path last said in the log
         self.shard = shard  # split each set's questions across data-parallel ranks
         self.dropped: list[str] = []
         self.embedder = None
@@ -214,7 +220,7 @@ class Evaluator:
         special = uses_special_tokens(tokenizer, prompts[0])
         return generate_batched(
             model, tokenizer, prompts, self.ev.batch_size, max_length=self.ev.max_length,
-            synced_gpus=self.synced_gpus, add_special_tokens=special,
+            synced_gpus=self._synced, add_special_tokens=special,
         )
 
     def _question_values(self, model, tokenizer, eval_set: EvalSet, records: list[QARecord]) -> list[dict]:
@@ -262,7 +268,7 @@ class Evaluator:
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
         if world == 1 or len(records) < world:
             return compute(records)
-        if self.synced_gpus and len({len(r.perturbed_answer) for r in records}) > 1:
+        if self._synced and len({len(r.perturbed_answer) for r in records}) > 1:
             # ZeRO-3 ranks must run equally many forward passes: only equal shares guarantee it
             return compute(records)
         rank, per = dist.get_rank(), math.ceil(len(records) / world)
@@ -296,6 +302,33 @@ class Evaluator:
         return metrics, rows, like
 
     def __call__(self, model, tokenizer) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        """``(metrics, samples)`` of ``model``; under ZeRO-3 (``engine``) on weights gathered once
+        for the whole evaluation when they fit (``raysweep.eval.gather``), ``eval/gathered`` 1 or 0."""
+        with evaluation_weights(self.engine, self.ev.gather, self.ev.batch_size, self.ev.max_length) as plan:
+            self._synced = self.synced_gpus and not plan.gathered
+            self._announce(plan)
+            out, samples = self._evaluate(model, tokenizer)
+        if is_zero3(self.engine):
+            out["eval/gathered"] = float(plan.gathered)
+            out["eval/gather_fallback"] = float(plan.fallback)
+        return out, samples
+
+    def _announce(self, plan: GatherPlan) -> None:
+        """Say in the log which weights the evaluation runs on: the first time, and on a change."""
+        path = "gathered" if plan.gathered else "fallback" if plan.fallback else "hooked"
+        if not is_zero3(self.engine) or self._announced == path:
+            return
+        self._announced = path
+        gib = f"(need {plan.need_bytes / 2**30:.3g} GiB, free {plan.free_bytes / 2**30:.3g} GiB)" if plan.free_bytes else ""
+        if plan.gathered:
+            self.log(f"evaluation: on gathered ZeRO-3 weights, hooks off, no synced_gpus: {plan.reason} {gib}".rstrip())
+        elif plan.fallback:
+            self.log(f"warning: evaluation falls back to the hooked ZeRO-3 path (per-layer gathers, synced_gpus): "
+                     f"{plan.reason}")
+        else:
+            self.log(f"evaluation: on the hooked ZeRO-3 path (per-layer gathers, synced_gpus): {plan.reason}")
+
+    def _evaluate(self, model, tokenizer) -> tuple[dict[str, float], dict[str, list[dict]]]:
         out: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
         utility: list[float] = []

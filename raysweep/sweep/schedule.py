@@ -31,9 +31,16 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from raysweep.config import SweepConfig, fail
+from raysweep.eval.schedule import rung_milestones
 
-TIME_ATTR = "training_iteration"
 METRICS = {"last": "objective", "best_so_far": "objective_best"}
+
+
+def time_attr(sweep: SweepConfig) -> str:
+    """ASHA's clock: the reported ``epoch`` (the continual scenario: its ``step``), never Tune's
+    count of reports, so the rungs stay right when a trial reports only some epochs
+    (``eval.every: rungs``)."""
+    return "step" if sweep.experiment.scenario == "continual" else "epoch"
 
 
 def grace_epochs(sweep: SweepConfig, max_t: int) -> int:
@@ -55,23 +62,24 @@ def check_grace(sweep: SweepConfig, max_t: int, space_file: Any) -> None:
 
 
 def rung_epochs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
-    """The rungs of Ray's ASHA bracket, ascending: ``grace x rf^k`` for
-    ``k < int(log(max_t / grace) / log(rf) + 1)``."""
-    count = int(np.log(max_t / grace) / np.log(reduction_factor) + 1)
-    return [int(grace * reduction_factor ** k) for k in range(count)]
+    """The rungs of Ray's ASHA bracket, ascending, as epochs: the first epoch at or after each
+    milestone ``grace x rf^k``, ``k < int(log(max_t / grace) / log(rf) + 1)``
+    (:func:`raysweep.eval.schedule.rung_milestones`; Ray compares ``epoch < milestone``)."""
+    return sorted({math.ceil(m) for m in rung_milestones(grace, reduction_factor, max_t)})
 
 
 class RungScheduler(FIFOScheduler):
-    """ASHA's rule (maximising ``metric`` per ``training_iteration``) with the issue #16 guards.
+    """ASHA's rule (maximising ``metric`` per ``time_attr``: the reported epoch) with the issue #16
+    guards.
 
     :meth:`decide` is the whole policy, on plain values, so that it can be tested without Ray.
     Like Ray's ASHA (``stop_last_trials=True``) a trial is stopped at ``max_t``.
     """
 
-    def __init__(self, *, metric: str, max_t: int, grace_period: int, reduction_factor: float,
+    def __init__(self, *, metric: str, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
                  keep_best_per_method: bool, revisit: bool):
         super().__init__()
-        self._metric, self._mode = metric, "max"
+        self._metric, self._mode, self._time_attr = metric, "max", time_attr
         self.max_t, self.rf = max_t, reduction_factor
         self.keep_best_per_method, self.revisit = keep_best_per_method, revisit
         self.rungs = rung_epochs(grace_period, reduction_factor, max_t)
@@ -83,9 +91,9 @@ class RungScheduler(FIFOScheduler):
         return True  # the metric is the scheduler's own (objective / objective_best), always "max"
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if TIME_ATTR not in result or self._metric not in result:
+        if self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
-        epoch = int(result[TIME_ATTR])
+        epoch = int(result[self._time_attr])
         if epoch >= self.max_t:
             return TrialScheduler.STOP
         return self.decide(trial.trial_id, (trial.config or {}).get("method"), epoch, float(result[self._metric]))
@@ -140,9 +148,9 @@ def build_scheduler(sweep: SweepConfig, max_t: int):
         return None
     metric, grace = METRICS[sched.metric], grace_epochs(sweep, max_t)
     if sched.keep_best_per_method or sched.revisit:
-        return RungScheduler(metric=metric, max_t=max_t, grace_period=grace, reduction_factor=sched.reduction_factor,
+        return RungScheduler(metric=metric, time_attr=time_attr(sweep), max_t=max_t, grace_period=grace, reduction_factor=sched.reduction_factor,
                              keep_best_per_method=sched.keep_best_per_method, revisit=sched.revisit)
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=TIME_ATTR, metric=metric, mode="max", max_t=max_t, grace_period=grace,
+    return ASHAScheduler(time_attr=time_attr(sweep), metric=metric, mode="max", max_t=max_t, grace_period=grace,
                          reduction_factor=sched.reduction_factor)

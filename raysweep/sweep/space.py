@@ -296,12 +296,30 @@ def param_space(sweep: SweepConfig, space: SpaceBuilder) -> dict[str, Any] | Non
     return {GRID_KEY: tune.grid_search(space.grid_points())}
 
 
+def max_t(sweep: SweepConfig, space: SpaceBuilder) -> int:
+    return sweep.search.scheduler.max_t or space.max_epochs()
+
+
+def trial_rung_epochs(sweep: SweepConfig) -> list[int]:
+    """The epochs at which ASHA decides about a trial (none without a scheduler), for
+    ``experiment.eval.rung_epochs``: the first epoch at or after each rung's milestone, and
+    ``max_t``. The grace period is the resolved one (``auto``: after the warm-up)."""
+    sched = sweep.search.scheduler
+    if sched.type == "none":
+        return []
+    from raysweep.eval.schedule import rung_epochs
+    from raysweep.sweep.schedule import grace_epochs
+
+    top = max_t(sweep, SpaceBuilder(sweep))
+    return rung_epochs(grace_epochs(sweep, top), sched.reduction_factor, top)
+
+
 def build_scheduler(sweep: SweepConfig, space: SpaceBuilder):
     """ASHA on ``objective`` (or ``objective_best``) per reported epoch, also in Pareto mode (it
     needs one number), with the guards of :mod:`raysweep.sweep.schedule`; or no scheduler."""
     from raysweep.sweep.schedule import build_scheduler as build
 
-    return build(sweep, sweep.search.scheduler.max_t or space.max_epochs())
+    return build(sweep, max_t(sweep, space))
 
 
 def check_scheduler(sweep: SweepConfig, space_file: str) -> None:

@@ -21,6 +21,8 @@ Who writes what (every writer goes through ``MlflowClient``; nothing here calls
   Tune calls ``on_trial_start`` before it submits the trial's function, so the run exists
   before the trial runs: there is a single creator and no race. ``on_trial_result`` logs the
   epoch's numeric metrics with ``step`` = the result's ``step`` (continual) or ``epoch``;
+  a result with ``eval/gather_fallback = 1`` (the ZeRO-3 weights did not fit for a gathered evaluation)
+  tags the run ``raysweep.eval_weights = synced-fallback``;
   ``on_trial_complete`` ends the run FINISHED (tag ``raysweep.early_stopped``) and
   ``on_trial_error`` FAILED (tag ``raysweep.error`` = the reason).
 * **The Train worker of rank 0** (:class:`raysweep.sweep.generations.GenerationLogger`, used by
@@ -61,6 +63,11 @@ from raysweep.sweep.results import (
     error_reason, result_step, sampled_params,
 )
 from raysweep.sweep.storage import read_text, write_json
+
+# raysweep.eval.gather: a trial whose evaluation fell back to the hooked ZeRO-3 path is tagged
+FALLBACK_METRIC = "eval/gather_fallback"
+TAG_EVAL_WEIGHTS = "raysweep.eval_weights"
+EVAL_FALLBACK = "synced-fallback"
 
 try:  # the Tune callback base class (Ray is a dependency; keep this module importable without it)
     from ray.tune import Callback as _TuneCallback
@@ -363,6 +370,8 @@ class TrackingCallback(_TuneCallback):
             metrics = numeric_metrics(result)
             if metrics:
                 log_metrics(client_for(self.uri), run_id, metrics, step)
+            if result.get(FALLBACK_METRIC) == 1:  # ZeRO-3 weights did not fit: hooked, synced evaluation
+                retrying(client_for(self.uri).set_tag, run_id, TAG_EVAL_WEIGHTS, EVAL_FALLBACK)
             steps.add(step)
 
         self._guard(f"trial {trial.trial_id} result", log)

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from raysweep.sweep.cluster import worker_resources
 from raysweep.sweep.results import result_step, sampled_params
-from raysweep.sweep.space import trial_experiment
+from raysweep.sweep.space import trial_experiment, trial_rung_epochs
 from raysweep.sweep.storage import is_remote
 
 WORKER_ENV = "RAYSWEEP_WORKER"
@@ -86,8 +86,10 @@ class TrialSetup:
     def from_sweep(cls, sweep: Any, experiment_path: str, worker: str | None = None,
                    tracking: dict[str, Any] | None = None) -> "TrialSetup":
         res = sweep.search.resources
+        experiment = sweep.experiment.model_dump(mode="json")
+        experiment["eval"]["rung_epochs"] = trial_rung_epochs(sweep)  # for eval.every: rungs
         return cls(
-            experiment=sweep.experiment.model_dump(mode="json"),
+            experiment=experiment,
             experiment_path=str(experiment_path),
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
