@@ -50,6 +50,10 @@ def _tofu_dir(path: Path) -> Path:
     return path
 
 
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in cache.glob("smollm2-*/") if p.name != "smollm2-base"]
+
+
 def test_prepare_smollm2_tiny_slice(tmp_path, monkeypatch, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,7 +71,7 @@ def test_prepare_smollm2_tiny_slice(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "target: ROUGE-L recall on forget10" in out and "retain: ROUGE-L recall on forget10" in out
 
-    (entry,) = cache.glob("smollm2-*/")
+    (entry,) = _entries(cache)
     meta = json.loads((entry / "meta.json").read_text())
     assert (meta["n_forget"], meta["n_retain"]) == (2, 2)
     assert meta["target"]["steps"] == 1 and meta["retain"]["steps"] == 1  # 4 and 2 pairs, batch 4
@@ -83,6 +87,8 @@ def test_prepare_smollm2_tiny_slice(tmp_path, monkeypatch, capsys):
     # a plain HF directory (safetensors, no GGUF), loading with transformers and answering
     base = entry / "base"
     assert (base / "config.json").is_file() and list(base.glob("*.safetensors")) and not list(base.rglob("*.gguf"))
+    assert "quantization_config" not in json.loads((base / "config.json").read_text())  # plain, re-saveable
+    assert (cache / "smollm2-base" / "converted.json").is_file()  # the conversion is shared by later builds
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(entry / "target", dtype=torch.float32).eval()
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -98,7 +104,7 @@ def test_prepare_smollm2_tiny_slice(tmp_path, monkeypatch, capsys):
     # a second call reuses the entry (no rebuild)
     assert main(args) == 0
     assert "this call:" in capsys.readouterr().out
-    assert [p.name for p in cache.glob("smollm2-*/")] == [entry.name]
+    assert _entries(cache) == [entry]
 
 
 def test_unprepared_names_exit_2(tmp_path, monkeypatch):
@@ -115,7 +121,7 @@ def test_unprepared_names_exit_2(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "raysweep.tune", "--space", "search_spaces/tofu_smollm2.yaml",
                            "--dry-run", "--set", "experiment.data.source=local",
                            "--set", f"experiment.data.path={_tofu_dir(tmp_path / 'tofu')}",
-                           "--set", "experiment.protocol=raysweep"],
+                           "--set", "experiment.protocol=raysweep"],  # seed would fetch its templates first
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "smollm2" in proc.stderr and "prepare --model smollm2" in proc.stderr
