@@ -581,11 +581,23 @@ def _add_spec_args(parser: argparse.ArgumentParser, spec_cls, prefix: str, dest_
 def main(argv: Sequence[str] | None = None) -> int:
     from raysweep.data.synthetic import SyntheticSpec
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    which = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    which.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    chosen, rest = which.parse_known_args(argv)
+    if chosen.model == "smollm2":  # the real-model default (raysweep.smollm2) has its own flags
+        from raysweep.smollm2 import main as smollm2_main
+
+        return smollm2_main(rest)
+
     parser = argparse.ArgumentParser(
         prog="python -m raysweep.prepare",
         description="Build (or reuse) the embedded default: synthetic fictitious-authors data and the tiny "
                     "target/retain models. Synthetic settings: --<field>; model settings: --model-<field>.",
     )
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="tiny: the embedded default (these flags); smollm2: the real-model default, "
+                             "SmolLM2-135M-Instruct fine-tuned on TOFU (see --model smollm2 --help)")
     parser.add_argument("--cache", default=None, help=f"cache directory (default ${CACHE_ENV} or ~/.cache/raysweep)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     _add_spec_args(parser, SyntheticSpec, "", "syn__")

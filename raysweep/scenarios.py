@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from raysweep.config import EMBEDDED, EMBEDDED_RETAIN, ExperimentConfig
+from raysweep.smollm2 import SMOLLM2, SMOLLM2_RETAIN
 from raysweep.data.loaders import DataError, load_hub_split, load_local_split, load_qa_file
 from raysweep.data.records import QARecord
 from raysweep.data.templates import load_idk_templates, load_seed_idk_lines
@@ -87,6 +88,10 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
             return str(artifacts.target_dir)
         if name == EMBEDDED_RETAIN:
             return str(artifacts.retain_dir)
+        if name in (SMOLLM2, SMOLLM2_RETAIN):  # the prepared real-model default (raysweep.smollm2)
+            from raysweep.smollm2 import model_dir
+
+            return model_dir(name)
         return name
 
     retain = cfg.model.retain_model

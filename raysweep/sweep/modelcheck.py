@@ -4,7 +4,8 @@ The models (:func:`models_of`): ``experiment.model.name_or_path`` (the target),
 ``experiment.model.retain_model``, ``experiment.eval.embedding_model`` (CS) and
 ``experiment.eval.nli_model`` (ES). ``experiment.eval.downstream`` names lm-eval tasks, which
 score the trained target in memory, so it adds no model. ``embedded`` / ``embedded-retain`` are
-built locally and are not checked here.
+built locally and are not checked here; ``smollm2`` / ``smollm2-retain`` (the real-model
+default) must have been prepared (``python -m raysweep.prepare --model smollm2``).
 
 One model (:func:`check_model`) passes when
 
@@ -99,6 +100,14 @@ def _in_hf_cache(repo_id: str) -> bool:
 
 def check_model(name: str, key: str, *, token: str | None = None, endpoint: str | None = None) -> str | None:
     """None when ``name`` resolves, else what is wrong and what to do (one sentence)."""
+    from raysweep.smollm2 import SMOLLM2, SMOLLM2_RETAIN, NotPrepared, model_dir
+
+    if name in (SMOLLM2, SMOLLM2_RETAIN):  # the real-model default, prepared into $RAYSWEEP_CACHE
+        try:
+            model_dir(name)
+        except NotPrepared as err:
+            return str(err)
+        return None
     if name == OFFLINE_EMBEDDING_ALIAS:
         from raysweep.eval.semantic import offline_default_embedding_model
 
