@@ -8,18 +8,27 @@ Under Ray Train the process group is already initialised and ``RANK``/``LOCAL_RA
 The recipe, top to bottom:
 
 1. resolve model and data (the embedded default is built on first use), seed everything;
-2. load tokenizer + model (+ LoRA), build the forget/retain/IDK data loader;
+   decide the memory plan's ``auto`` values (ZeRO stage, offload, gradient checkpointing,
+   micro-batch: ``raysweep.memory_plan``, from the GPU memory measured here) and print it;
+2. load tokenizer + model (+ LoRA; SDPA attention, Liger kernels with ``training.liger``),
+   build the forget/retain/IDK data loader;
 3. reference: NPO/DPO get the initial model's sequence log-probs once (a tensor, no second
    model); KL gets a frozen copy of the initial model (under LoRA: the model with its adapters
    switched off, no copy);
 4. AdamW (weight decay 0.01), linear warm-up over the first epoch then linear decay, gradient
    accumulation so that per-device batch x accumulation x world size = effective batch; the
    optimizer steps and the schedule's length come from one :class:`StepPlan` (``protocol``);
-   DeepSpeed ZeRO-3 (bf16 on GPU, gradient checkpointing, optional CPU offload) when configured;
-5. every epoch: train, evaluate, hand ``EpochReport`` to the reporter (every rank calls it);
+   DeepSpeed ZeRO (bf16 on GPU, fp32 gradient accumulation, optional gradient checkpointing
+   and CPU offload) when configured;
+5. every epoch: train (one forward of the model per micro-step over all the method's batch
+   parts, see ``losses.compute_loss``), evaluate, hand ``EpochReport`` to the reporter (every
+   rank calls it);
 6. optional checkpoint of the final or best epoch.
 
-A non-finite loss raises :class:`DivergenceError`, which the caller records as a failed run.
+Steps 1-4 are :func:`build_run`, one epoch of training is :func:`train_epoch`, and
+:func:`run_unlearning` runs the epochs.  A non-finite loss raises :class:`DivergenceError`
+(checked once per optimizer step, not per micro-step: no host synchronisation in between),
+which the caller records as a failed run.
 """
 
 from __future__ import annotations
@@ -111,7 +120,7 @@ def seed_everything(seed: int) -> None:
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Data parallelism without DDP wrapping (our loss runs several forwards per step)."""
+    """Data parallelism without DDP wrapping (the loss may run the model and a reference)."""
     if world.size == 1:
         return
     for p in params:
@@ -315,10 +324,12 @@ def measured_gpu_bytes(world: World) -> float | None:
     if world.device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(world.device)
-    value = torch.tensor(float(free + torch.cuda.memory_reserved(world.device)), device=world.device)
+    usable = float(free + torch.cuda.memory_reserved(world.device))  # what this process's allocator holds counts
     if world.size > 1:
+        value = torch.tensor(usable, device=world.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return float(value)
+        usable = float(value)
+    return usable
 
 
 def resolve_memory_plan(cfg: ExperimentConfig, world: World, method, model_path: str,
