@@ -466,7 +466,7 @@ def liger_available() -> bool:
     import importlib.util
 
     if "liger_kernel" in sys.modules:
-        return True
+        return sys.modules["liger_kernel"] is not None
     try:
         return importlib.util.find_spec("liger_kernel") is not None
     except (ImportError, ValueError):

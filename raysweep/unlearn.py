@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from raysweep.config import load_or_exit
+from raysweep.config import fail, load_or_exit
 
 
 def _print_epoch(report) -> None:
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     from raysweep.scenarios import preflight_data
 
     preflight_data(cfg.experiment)
+    if cfg.experiment.training.liger:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(args.config, "experiment.training.liger", "true needs a CUDA GPU (Liger's kernels are Triton); none is visible")
 
     from raysweep.runner import run_experiment
     from raysweep.train import DivergenceError
