@@ -459,17 +459,17 @@ def reference_logps(
 
     ``NLL_ref(x_f, y_f)`` (NPO, DPO) and ``NLL_ref(x_f, idk)`` (DPO).  Runs under ``no_grad`` in
     eval mode (dropout off; the previous mode is restored).  ``keys`` picks the parts
-    (``Method.ref_logp_keys`` lists only those a method needs).
+    (``Method.ref_logp_keys`` lists only those a method needs); several parts run in one
+    forward (:func:`fused_logits`, right padding as ``collate_unlearn`` pads).
     """
+    keys = tuple(keys)
+    parts = [_part(batch, key) for key in keys]
     was_training = model.training
     model.eval()
     try:
-        return {
-            REF_LOGP_NAMES[key]: sequence_nll(
-                _forward_logits(model, _part(batch, key)), _part(batch, key)["labels"]
-            ).float()
-            for key in keys
-        }
+        logits = fused_logits(model, parts) if len(parts) > 1 else [_forward_logits(model, parts[0])]
+        return {REF_LOGP_NAMES[key]: sequence_nll(lg, part["labels"]).float()
+                for key, part, lg in zip(keys, parts, logits)}
     finally:
         model.train(was_training)
 
