@@ -223,6 +223,29 @@ def test_auto_batch_on_cpu_is_planned_printed_and_reported(embedded, embedded_sp
     assert cfg.training.per_device_batch_size == "auto"  # the caller's config is not changed
 
 
+def test_divergence_is_checked_once_per_optimizer_step_not_per_micro_step(embedded, embedded_specs, monkeypatch):
+    """Accumulation 4: a NaN at micro-step 1 is found at the optimizer step after micro-step 3
+    (no host synchronisation in between), named by its own batch, before any step is applied."""
+    import raysweep.train as train
+
+    real, calls = train.compute_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        assert all(isinstance(v, torch.Tensor) for v in parts.values())  # nothing converted to a float
+        calls.append(len(calls))
+        return (loss * 0 + float("nan"), parts) if len(calls) == 2 else (loss, parts)
+
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    cfg = experiment(embedded_specs, method="GA+GD", effective_batch_size=4, per_device_batch_size=1)
+    with pytest.raises(DivergenceError, match="loss became nan at epoch 1, batch 1 "):
+        run_unlearning(cfg, Capture())
+    assert len(calls) == 4 and steps == []  # checked at the boundary, before the optimizer stepped
+
+
 @pytest.mark.slow
 def test_ga_lowers_forget_probability_and_saves_checkpoint(embedded, embedded_specs, tmp_path):
     capture = Capture()
