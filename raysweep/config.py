@@ -16,7 +16,7 @@ from __future__ import annotations
 import builtins
 import sys
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Union
+from typing import Annotated, Any, Literal, NoReturn, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -159,10 +159,15 @@ class LoraConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    offload_optimizer: Literal["cpu", "none"] = "none"
+    """DeepSpeed ZeRO settings of a run. ``auto`` is decided at trial start from the model's
+    size, the GPU's measured free memory, the world size and the method (``raysweep.memory_plan``):
+    ZeRO-2 without offload when it fits, ZeRO-3 when not, CPU offload only as the last resort.
+    On CPU (no GPU memory to measure) ``auto`` is ZeRO-3 without offload or checkpointing."""
+
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    offload_optimizer: Literal["auto", "cpu", "none"] = "auto"
     offload_param: Literal["cpu", "none"] = "none"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
 
 
 class TrainingConfig(Strict):
@@ -175,7 +180,8 @@ class TrainingConfig(Strict):
     reg_coeff: float = Field(default=1.0, ge=0)  # gamma
     beta: float = Field(default=0.1, gt=0)
     effective_batch_size: int = Field(default=32, ge=1)  # per-device batch x accumulation x world
-    per_device_batch_size: int = Field(default=4, ge=1)
+    # auto: the largest micro-batch the memory plan fits (accumulation makes up the effective batch)
+    per_device_batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 4
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
     seed: int = 1001
@@ -183,6 +189,9 @@ class TrainingConfig(Strict):
     me_mask_question: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig | None = None
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (not its fused cross-entropy: the
+    # losses need the logits); needs the [gpu] extra (liger-kernel) and GPUs
+    liger: bool = False
     save_checkpoint: Literal["none", "final", "best"] = "none"
     output_dir: Path | None = None
 
@@ -190,6 +199,13 @@ class TrainingConfig(Strict):
     @classmethod
     def _known_method(cls, value: str) -> str:
         return _check_method(value)
+
+    @field_validator("liger")
+    @classmethod
+    def _liger_installed(cls, value: bool) -> bool:
+        if value and not liger_available():
+            raise ValueError("true needs the liger-kernel package: pip install -e '.[gpu]' (or set false)")
+        return value
 
 
 class ContinualConfig(Strict):
@@ -456,6 +472,13 @@ class SweepConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _liger_needs_gpus(self) -> "SweepConfig":
+        if self.experiment.training.liger and not self.search.resources.use_gpu:
+            raise _KeyedError("experiment.training.liger",
+                              "true needs GPUs (Liger's kernels are Triton/CUDA): set search.resources.use_gpu: true")
+        return self
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -466,6 +489,18 @@ class _KeyedError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(message)
+
+
+def liger_available() -> bool:
+    """Whether the ``liger-kernel`` package (the ``[gpu]`` extra) can be imported."""
+    import importlib.util
+
+    if "liger_kernel" in sys.modules:
+        return sys.modules["liger_kernel"] is not None
+    try:
+        return importlib.util.find_spec("liger_kernel") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_method(name: str) -> str:

@@ -327,12 +327,56 @@ def _forward_logits(model: torch.nn.Module, part: Mapping[str, Tensor]) -> Tenso
     return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
 
 
+PADDING_SIDES = ("right", "left")
+
+
+def fused_logits(
+    model: torch.nn.Module, parts: list[Mapping[str, Tensor]], padding_side: str = "right"
+) -> list[Tensor]:
+    """One forward over several batch parts stacked into one batch; each part's logits back.
+
+    The parts are padded to the widest one on their own padding side (attention 0; the ids of
+    the added columns are never attended to and their logits are cut off again), concatenated
+    along the batch, run once, and split back to each part's own ``[B_i, T_i, V]``. Right
+    padding: a causal model's logits at the real positions do not depend on columns after them.
+    Left padding: the added columns shift every real token right, so ``position_ids`` are passed
+    to give each token the position it has in its own part (what a forward of that part alone
+    uses: ``0 .. T_i - 1`` over the padded row). The losses therefore see the same logits as
+    from one forward per part (to float rounding), from a single, larger forward.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    width = max(p["input_ids"].shape[1] for p in parts)
+    extras = [width - p["input_ids"].shape[1] for p in parts]
+    ids, masks = [], []
+    for part, extra in zip(parts, extras):
+        pad = (extra, 0) if padding_side == "left" else (0, extra)
+        ids.append(F.pad(part["input_ids"], pad, value=0))
+        masks.append(F.pad(part["attention_mask"], pad, value=0))
+    inputs = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    if padding_side == "left":
+        device = inputs["input_ids"].device
+        shift = torch.cat([torch.full((p["input_ids"].shape[0],), e, dtype=torch.long) for p, e in zip(parts, extras)])
+        positions = torch.arange(width, device=device)[None, :] - shift.to(device)[:, None]
+        inputs["position_ids"] = positions.clamp_min(0)
+    logits = model(**inputs).logits
+    out, row = [], 0
+    for part, extra in zip(parts, extras):
+        rows, length = part["input_ids"].shape
+        block = logits[row : row + rows]
+        out.append(block[:, extra:] if padding_side == "left" else block[:, :length])
+        row += rows
+    return out
+
+
 class StepForward:
     """The forward passes one training step needs, each run at most once.
 
     Adapters ask for ``logits(key)``, ``nll(key)`` (current model), ``ref_nll(key)`` (looked up
     in the precomputed ``ref_logps`` by ``batch["index"]``, or computed with ``ref_model``) and
-    ``ref_logits(key)`` (``ref_model`` under ``no_grad``).
+    ``ref_logits(key)`` (``ref_model`` under ``no_grad``).  ``prefetch(keys)`` /
+    ``prefetch_ref(keys)`` run the parts a step will ask for in one forward (:func:`fused_logits`)
+    beforehand; a part not prefetched gets its own forward on first use.
     """
 
     def __init__(
@@ -342,11 +386,28 @@ class StepForward:
         params: LossParams,
         ref_model: torch.nn.Module | None = None,
         ref_logps: Mapping[str, Tensor] | None = None,
+        padding_side: str = "right",
     ) -> None:
         self.model, self.batch, self.params = model, batch, params
         self.ref_model, self.ref_logps = ref_model, ref_logps
+        self.padding_side = padding_side
         self._logits: dict[str, Tensor] = {}
         self._ref_logits: dict[str, Tensor] = {}
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """The current model's logits of ``keys``, from one forward over all of them."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self._logits]
+        if len(missing) > 1:
+            logits = fused_logits(self.model, [self.part(k) for k in missing], self.padding_side)
+            self._logits.update(zip(missing, logits))
+
+    def prefetch_ref(self, keys: Iterable[str]) -> None:
+        """The reference model's logits of ``keys`` (no grad), from one forward over all of them."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self._ref_logits]
+        if self.ref_model is not None and len(missing) > 1:
+            with torch.no_grad():
+                logits = fused_logits(self.ref_model, [self.part(k) for k in missing], self.padding_side)
+            self._ref_logits.update((k, v.detach()) for k, v in zip(missing, logits))
 
     def part(self, key: str) -> Mapping[str, Tensor]:
         return _part(self.batch, key)
@@ -398,17 +459,17 @@ def reference_logps(
 
     ``NLL_ref(x_f, y_f)`` (NPO, DPO) and ``NLL_ref(x_f, idk)`` (DPO).  Runs under ``no_grad`` in
     eval mode (dropout off; the previous mode is restored).  ``keys`` picks the parts
-    (``Method.ref_logp_keys`` lists only those a method needs).
+    (``Method.ref_logp_keys`` lists only those a method needs); several parts run in one
+    forward (:func:`fused_logits`, right padding as ``collate_unlearn`` pads).
     """
+    keys = tuple(keys)
+    parts = [_part(batch, key) for key in keys]
     was_training = model.training
     model.eval()
     try:
-        return {
-            REF_LOGP_NAMES[key]: sequence_nll(
-                _forward_logits(model, _part(batch, key)), _part(batch, key)["labels"]
-            ).float()
-            for key in keys
-        }
+        logits = fused_logits(model, parts) if len(parts) > 1 else [_forward_logits(model, parts[0])]
+        return {REF_LOGP_NAMES[key]: sequence_nll(lg, part["labels"]).float()
+                for key, part, lg in zip(keys, parts, logits)}
     finally:
         model.train(was_training)
 
@@ -658,15 +719,25 @@ def compute_loss(
     params: LossParams | None = None,
     ref_model: torch.nn.Module | None = None,
     ref_logps: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    *,
+    fuse: bool = True,
+    padding_side: str = "right",
+    as_tensors: bool = False,
+) -> tuple[Tensor, dict[str, float]] | tuple[Tensor, dict[str, Tensor]]:
     """``loss = forget_coeff * forget_loss + reg_coeff * reg_loss`` for one batch.
 
     ``ref_logps``: full-length tensors (``collect_reference_logps``) indexed by
     ``batch["index"]``, for NPO/DPO.  ``ref_model``: a frozen reference model, required by KL; if
     ``ref_logps`` is not given it also serves NPO/DPO (computed on the fly under ``no_grad``).
-    Runs only the forward passes the method needs, each once; a term whose coefficient is exactly
-    0 is skipped (logged as 0.0).  Returns ``(loss, parts)`` with floats ``loss``,
-    ``forget_loss``, ``reg_loss``.
+    Runs only the parts the method needs; a term whose coefficient is exactly 0 is skipped
+    (logged as 0.0).  ``fuse`` (default): every part the current model sees runs in **one**
+    forward (:func:`fused_logits`, the parts padded to a common width on ``padding_side``, the
+    side ``collate_unlearn`` pads: right), and likewise the reference model's parts; same loss
+    and gradients as one forward per part (``fuse=False``), to float rounding.  Every method
+    of the registry fuses: all of a method's parts go through the same policy model, and no
+    loss couples examples across parts.  Returns ``(loss, parts)`` with ``loss``,
+    ``forget_loss``, ``reg_loss``: floats, or with ``as_tensors`` detached 0-d tensors on the
+    loss's device (no host synchronisation; the training loop sums them on the device).
     """
     method = parse_method(method)
     params = params or LossParams()
@@ -678,7 +749,15 @@ def compute_loss(
     if method.needs_ref_model and ref_model is None:
         raise ValueError(f"{method.name} needs ref_model (a frozen copy of the initial model)")
 
-    step = StepForward(model, batch, params, ref_model=ref_model, ref_logps=ref_logps)
+    step = StepForward(model, batch, params, ref_model=ref_model, ref_logps=ref_logps, padding_side=padding_side)
+    if fuse:
+        running = [spec for spec, coeff in ((method.forget, params.forget_coeff), (method.regularizer, params.reg_coeff))
+                   if spec is not None and coeff != 0]
+        step.prefetch(k for spec in running for k in spec.batch_keys)
+        step.prefetch_ref(
+            [k for spec in running if spec.needs_ref_model for k in spec.batch_keys]
+            + ([k for spec in running for k in spec.ref_logp_keys] if ref_logps is None else [])
+        )
     forget = method.forget(step) if params.forget_coeff != 0 else None
     reg = method.regularizer(step) if method.regularizer and params.reg_coeff != 0 else None
 
@@ -690,9 +769,12 @@ def compute_loss(
     if not terms:
         raise ValueError("forget_coeff and reg_coeff are both 0: the loss would be constant")
     loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    zero = torch.zeros((), device=loss.device)
     parts = {
-        "loss": float(loss.detach()),
-        "forget_loss": float(forget.detach()) if forget is not None else 0.0,
-        "reg_loss": float(reg.detach()) if reg is not None else 0.0,
+        "loss": loss.detach(),
+        "forget_loss": forget.detach().float() if forget is not None else zero,
+        "reg_loss": reg.detach().float() if reg is not None else zero,
     }
-    return loss, parts
+    if as_tensors:
+        return loss, parts
+    return loss, {k: float(v) for k, v in parts.items()}

@@ -168,3 +168,103 @@ def plan_memory(shape: ModelShape, *, gpu_bytes: float, world: int, seq_len: int
     index, b, total, comps = chosen
     s, o, c = CANDIDATES[index]
     return Plan(s, o, c, b, -(-per_rank // b), total, budget, comps)
+
+
+# ----------------------------------------------------------------------------- config values
+
+CPU_ZERO_STAGE = 3  # the stage DeepSpeed's CPU path (gloo) is tested with here
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The concrete values a run trains with, after every ``auto`` of the config is decided.
+
+    ``zero_stage`` is None without DeepSpeed. ``source`` says where the values came from:
+    ``"config"`` (nothing was auto), ``"estimate"`` (:func:`plan_memory` against measured GPU
+    memory; ``plan`` holds it) or ``"cpu"`` (no GPU memory to measure: the fixed CPU values).
+    """
+
+    zero_stage: int | None
+    offload_optimizer: str  # "cpu" | "none"
+    gradient_checkpointing: bool
+    per_device_batch_size: int
+    source: str
+    plan: Plan | None = None
+
+    def describe(self) -> str:
+        if self.plan is not None and self.zero_stage == self.plan.zero_stage:
+            return self.plan.describe()
+        if self.plan is not None:  # plain torch or ZeRO-0/1: a full replica on every GPU
+            trains = "no DeepSpeed" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+            return (f"{self.plan.describe()}; trains with {trains}: a full replica per GPU, "
+                    "estimated as ZeRO-2 on one GPU (16 bytes/param)")
+        stage = "no DeepSpeed" if self.zero_stage is None else f"ZeRO-{self.zero_stage}"
+        why = ("as configured" if self.source == "config" else
+               "CPU run: no GPU memory to measure, so auto is ZeRO-3 without offload or checkpointing "
+               "and the per-rank batch up to " + str(MAX_BATCH))
+        return (f"memory plan ({why}): {stage}, offload_optimizer={self.offload_optimizer}, "
+                f"gradient_checkpointing={self.gradient_checkpointing}, "
+                f"per_device_batch_size={self.per_device_batch_size}")
+
+    def metrics(self) -> dict[str, float]:
+        """The resolved values as numbers, for the epoch report (and so MLflow)."""
+        out = {
+            "plan/zero_stage": float(-1 if self.zero_stage is None else self.zero_stage),
+            "plan/offload_optimizer": float(self.offload_optimizer == "cpu"),
+            "plan/gradient_checkpointing": float(self.gradient_checkpointing),
+            "plan/per_device_batch_size": float(self.per_device_batch_size),
+        }
+        if self.plan is not None:
+            out["plan/estimate_gb"] = self.plan.estimate_bytes / GB
+            out["plan/budget_gb"] = self.plan.budget_bytes / GB
+        return out
+
+
+def _auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def resolve_training(training, *, shape, gpu_bytes: float | None, world: int, seq_len: int, parts: int,
+                     needs_ref: bool) -> TrainingPlan:
+    """Decide the ``auto`` values of ``training`` (a ``raysweep.config.TrainingConfig``).
+
+    ``shape``: a :class:`ModelShape` or a function returning one (called only when something is
+    auto and a GPU was measured). ``gpu_bytes``: the GPU memory this run may use (the smallest
+    over its ranks), None on CPU. ``parts``: sequences a step trains on per example;
+    ``needs_ref``: a full reference model is held (KL without LoRA). Fixed values are kept.
+
+    Without DeepSpeed (plain torch or DDP: a full fp32 replica per GPU, 16 bytes/param, what
+    the ZeRO-2 formula gives at world size 1) only the batch can be auto; ZeRO-0/1 are planned
+    the same way (full replica, no offload). Raises :class:`PlanError` when nothing fits.
+    """
+    ds = training.deepspeed
+    per_rank = max(1, -(-training.effective_batch_size // world))
+    batch = None if _auto(training.per_device_batch_size) else int(training.per_device_batch_size)
+    stage = None if ds is None or _auto(ds.zero_stage) else int(ds.zero_stage)
+    offload = None if ds is None or _auto(ds.offload_optimizer) else ds.offload_optimizer == "cpu"
+    ckpt = None if ds is None or _auto(ds.gradient_checkpointing) else bool(ds.gradient_checkpointing)
+    replica = ds is None or stage in (0, 1)  # every rank holds the whole training state
+    if ds is None:
+        offload, ckpt = False, False
+    elif stage in (0, 1):
+        offload = False if offload is None else offload
+
+    def concrete(s, o, c, b, source, plan=None) -> TrainingPlan:
+        return TrainingPlan(None if ds is None else s, "cpu" if o else "none", bool(c), b, source, plan)
+
+    if batch is not None and (ds is None or None not in (stage, offload, ckpt)):
+        return concrete(stage, offload, ckpt, batch, "config")
+    if gpu_bytes is None:
+        b = batch if batch is not None else _divisors(per_rank, MAX_BATCH)[0]
+        return concrete(CPU_ZERO_STAGE if stage is None else stage, bool(offload), bool(ckpt), b, "cpu")
+    shape = shape() if callable(shape) else shape
+    if replica:
+        plan = plan_memory(shape, gpu_bytes=gpu_bytes, world=1, seq_len=seq_len, parts=parts, needs_ref=needs_ref,
+                           effective_batch=per_rank, batch=batch, stage=2, offload=offload, checkpointing=ckpt)
+        return concrete(stage, plan.offload_optimizer, plan.gradient_checkpointing, plan.per_device_batch_size,
+                        "estimate", plan)
+    plan = plan_memory(shape, gpu_bytes=gpu_bytes, world=world, seq_len=seq_len, parts=parts, needs_ref=needs_ref,
+                       effective_batch=training.effective_batch_size, batch=batch, stage=stage, offload=offload,
+                       checkpointing=ckpt)
+    return concrete(plan.zero_stage, plan.offload_optimizer, plan.gradient_checkpointing,
+                    plan.per_device_batch_size, "estimate", plan)

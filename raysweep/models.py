@@ -170,11 +170,13 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer):
     return model
 
 
-def load_model(path_or_id: str, dtype: str = "auto"):
+def load_model(path_or_id: str, dtype: str = "auto", attn_implementation: str | None = "sdpa"):
     """Load a causal LM by hub id or local directory.
 
     ``dtype``: ``"auto"`` (the checkpoint's own dtype), ``"float32"``, ``"bfloat16"`` or
-    ``"float16"``.
+    ``"float16"``.  ``attn_implementation``: ``"sdpa"`` (PyTorch's fused
+    ``scaled_dot_product_attention``: flash / memory-efficient kernels on GPU) asked for
+    explicitly; an architecture without it falls back to transformers' default, with a warning.
     """
     from transformers import AutoModelForCausalLM
 
@@ -185,8 +187,17 @@ def load_model(path_or_id: str, dtype: str = "auto"):
     else:
         raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
     # transformers >= 4.56 calls it ``dtype`` (``torch_dtype`` is deprecated there)
-    key = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
-    return AutoModelForCausalLM.from_pretrained(str(path_or_id), **{key: torch_dtype})
+    kwargs = {"dtype" if _transformers_version() >= (4, 56) else "torch_dtype": torch_dtype}
+    if attn_implementation is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path_or_id), attn_implementation=attn_implementation,
+                                                        **kwargs)
+        except (ValueError, ImportError) as err:
+            if attn_implementation not in str(err) and "attn_implementation" not in str(err):
+                raise
+            log.warning("%s: attn_implementation=%r is not supported (%s); using the architecture's default",
+                        path_or_id, attn_implementation, " ".join(str(err).split())[:200])
+    return AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -206,6 +217,31 @@ def count_parameters(model, trainable_only: bool = False) -> int:
         seen.add(id(p))
         n += p.numel()
     return n
+
+
+# --------------------------------------------------------------------------- Liger kernels
+
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True,
+                 # not the fused cross-entropies: they never materialise the logits the losses need
+                 "cross_entropy": False, "fused_linear_cross_entropy": False}
+
+
+def apply_liger(model) -> None:
+    """Swap ``model``'s RMSNorm, SwiGLU MLP and rotary embedding for Liger's Triton kernels, in
+    place (``training.liger: true``; the ``[gpu]`` extra).  One-line errors without the package,
+    without CUDA, or for an architecture Liger has no kernels for."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("training.liger: true needs a CUDA GPU (Liger's kernels are Triton); none is visible")
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError as err:
+        raise RuntimeError(f"training.liger: true needs liger-kernel: pip install -e '.[gpu]' ({err})") from None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"training.liger: Liger has no kernels for model type {model_type!r} "
+                         f"(it has: {', '.join(sorted(monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN))}); set false")
+    monkey_patch._apply_liger_kernel_to_instance(model=model, **LIGER_KERNELS)
+    log.info("Liger kernels applied to the %s model: %s", model_type, [k for k, on in LIGER_KERNELS.items() if on])
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -8,18 +8,27 @@ Under Ray Train the process group is already initialised and ``RANK``/``LOCAL_RA
 The recipe, top to bottom:
 
 1. resolve model and data (the embedded default is built on first use), seed everything;
-2. load tokenizer + model (+ LoRA), build the forget/retain/IDK data loader;
+   decide the memory plan's ``auto`` values (ZeRO stage, offload, gradient checkpointing,
+   micro-batch: ``raysweep.memory_plan``, from the GPU memory measured here) and print it;
+2. load tokenizer + model (+ LoRA; SDPA attention, Liger kernels with ``training.liger``),
+   build the forget/retain/IDK data loader;
 3. reference: NPO/DPO get the initial model's sequence log-probs once (a tensor, no second
    model); KL gets a frozen copy of the initial model (under LoRA: the model with its adapters
    switched off, no copy);
 4. AdamW (weight decay 0.01), linear warm-up over the first epoch then linear decay, gradient
    accumulation so that per-device batch x accumulation x world size = effective batch; the
    optimizer steps and the schedule's length come from one :class:`StepPlan` (``protocol``);
-   DeepSpeed ZeRO-3 (bf16 on GPU, gradient checkpointing, optional CPU offload) when configured;
-5. every epoch: train, evaluate, hand ``EpochReport`` to the reporter (every rank calls it);
+   DeepSpeed ZeRO (bf16 on GPU, fp32 gradient accumulation, optional gradient checkpointing
+   and CPU offload) when configured;
+5. every epoch: train (one forward of the model per micro-step over all the method's batch
+   parts, see ``losses.compute_loss``), evaluate, hand ``EpochReport`` to the reporter (every
+   rank calls it);
 6. optional checkpoint of the final or best epoch.
 
-A non-finite loss raises :class:`DivergenceError`, which the caller records as a failed run.
+Steps 1-4 are :func:`build_run`, one epoch of training is :func:`train_epoch`, and
+:func:`run_unlearning` runs the epochs.  A non-finite loss raises :class:`DivergenceError`
+(checked once per optimizer step, not per micro-step: no host synchronisation in between),
+which the caller records as a failed run.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from raysweep.data.unlearn_dataset import UnlearnDataset, collate_unlearn
 from raysweep.eval.metrics import objective as objective_of
 from raysweep.eval.schedule import evaluation_epochs
 from raysweep.losses import LossParams, collect_reference_logps, compute_loss, parse_method
-from raysweep.models import AdapterDisabled, apply_lora, load_model, load_tokenizer
+from raysweep.memory_plan import ModelShape, TrainingPlan, resolve_training
+from raysweep.models import AdapterDisabled, apply_liger, apply_lora, load_model, load_tokenizer
 from raysweep.scenarios import Resolved, RunData, load_run_data, resolve
 
 
@@ -111,7 +121,7 @@ def seed_everything(seed: int) -> None:
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Data parallelism without DDP wrapping (our loss runs several forwards per step)."""
+    """Data parallelism without DDP wrapping (the loss may run the model and a reference)."""
     if world.size == 1:
         return
     for p in params:
@@ -269,8 +279,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> dict:
-    """DeepSpeed config dict: ZeRO stage, offload, bf16 on GPU (fp32 on CPU)."""
+    """DeepSpeed config dict of a resolved run (no ``auto`` left, see :func:`resolve_memory_plan`):
+    ZeRO stage, offload, bf16 on GPU (fp32 on CPU).
+
+    Gradients accumulate in fp32 (``data_types.grad_accum_dtype``) under ZeRO 1-3: summing the
+    micro-steps' bf16 gradients in bf16 rounds each addition to 8 mantissa bits.  (DeepSpeed
+    has no bf16 weights + fp32 accumulation without ZeRO; stage 0 keeps the model's dtype.)
+    """
     ds, tr = cfg.training.deepspeed, cfg.training
+    if "auto" in (ds.zero_stage, ds.offload_optimizer, ds.gradient_checkpointing, tr.per_device_batch_size):
+        raise ValueError("deepspeed_config needs a resolved config (raysweep.train.resolve_memory_plan): "
+                         f"deepspeed={ds.model_dump()}, per_device_batch_size={tr.per_device_batch_size}")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
         zero.update(
@@ -282,7 +301,7 @@ def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> d
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": tr.per_device_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": 1.0,
@@ -292,6 +311,58 @@ def deepspeed_config(cfg: ExperimentConfig, grad_accum: int, use_gpu: bool) -> d
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.zero_stage >= 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def measured_gpu_bytes(world: World) -> float | None:
+    """Free memory of this run's GPUs (the smallest over the ranks, so that every rank takes the
+    same plan), measured with ``torch.cuda.mem_get_info``; None on CPU."""
+    if world.device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(world.device)
+    usable = float(free + torch.cuda.memory_reserved(world.device))  # what this process's allocator holds counts
+    if world.size > 1:
+        value = torch.tensor(usable, device=world.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        usable = float(value)
+    return usable
+
+
+def resolve_memory_plan(cfg: ExperimentConfig, world: World, method, model_path: str,
+                        model: torch.nn.Module | None = None,
+                        gpu_bytes: float | None = None) -> tuple[ExperimentConfig, TrainingPlan]:
+    """``cfg`` with every ``auto`` of ``training.deepspeed`` and ``per_device_batch_size``
+    decided (:func:`raysweep.memory_plan.resolve_training`), and the plan it came from.
+
+    The estimate uses the model's architecture (its config, or ``model``'s), the GPU memory
+    measured on the workers (``gpu_bytes``, default :func:`measured_gpu_bytes`), the world size,
+    ``data.max_length`` tokens per sequence, the method's batch parts and whether it holds a
+    full reference model (KL without LoRA; under LoRA the reference is the adapter-free base).
+    """
+    tr = cfg.training
+    if gpu_bytes is None:
+        gpu_bytes = measured_gpu_bytes(world)
+
+    def shape() -> ModelShape:
+        if model is not None:
+            return ModelShape.from_hf_config(model.config)
+        from transformers import AutoConfig
+
+        return ModelShape.from_hf_config(AutoConfig.from_pretrained(str(model_path)))
+
+    plan = resolve_training(tr, shape=shape, gpu_bytes=gpu_bytes, world=world.size, seq_len=cfg.data.max_length,
+                            parts=len(method.batch_keys), needs_ref=method.needs_ref_model and not tr.lora.enabled)
+    update: dict[str, Any] = {"per_device_batch_size": plan.per_device_batch_size}
+    if tr.deepspeed is not None:
+        update["deepspeed"] = tr.deepspeed.model_copy(update={
+            "zero_stage": plan.zero_stage, "offload_optimizer": plan.offload_optimizer,
+            "gradient_checkpointing": plan.gradient_checkpointing})
+    return cfg.model_copy(update={"training": tr.model_copy(update=update)}), plan
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -317,6 +388,246 @@ def default_evaluator(cfg: ExperimentConfig, resolved: Resolved, data: RunData, 
 # ----------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Run:
+    """Everything one run trains with, built once by :func:`build_run`."""
+
+    cfg: ExperimentConfig  # resolved: no ``auto`` left
+    memory: TrainingPlan
+    world: World
+    method: Any  # raysweep.losses.Method
+    params: LossParams
+    tokenizer: Any
+    sampler: DistributedSampler | None
+    loader: DataLoader
+    steps: StepPlan
+    grad_accum: int
+    engine: torch.nn.Module  # the DeepSpeed engine, or the model itself
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    ref_model: Any
+    ref_logps: dict[str, torch.Tensor] | None
+    amp: torch.dtype | None
+    use_ds: bool
+    optimizer_steps: int = 0  # plain torch; DeepSpeed counts its own (engine.global_steps)
+    step_lrs: list[float] = field(default_factory=list)
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps if self.use_ds else self.optimizer_steps
+
+
+def _load_trained_model(path: str, dtype: str, liger: bool) -> torch.nn.Module:
+    model = load_model(path, dtype=dtype)
+    if liger:
+        apply_liger(model)
+    return model
+
+
+def build_run(cfg: ExperimentConfig, *, use_gpu: bool, resolved: Resolved, data: RunData,
+              model: torch.nn.Module | None, tokenizer: Any, reference: torch.nn.Module | None) -> Run:
+    """Steps 1-4 of the recipe: memory plan, model, data loader, reference, optimizer, engine."""
+    world = current_world(use_gpu)
+    method = parse_method(cfg.training.method)
+    if not data.forget:
+        raise ValueError("the forget set is empty")
+    if method.regularizer is not None and not data.retain:
+        raise ValueError("the retain set is empty but the method has a regularizer")
+    if cfg.training.liger and world.device.type != "cuda":
+        raise RuntimeError("training.liger: true needs a CUDA GPU (Liger's kernels are Triton); this worker has none")
+    cfg, memory = resolve_memory_plan(cfg, world, method, resolved.model, model)
+    if world.is_main:
+        print(f"raysweep: {memory.describe()}", file=sys.stderr, flush=True)
+    tr = cfg.training
+    params = LossParams(
+        forget_coeff=tr.forget_coeff,
+        reg_coeff=tr.reg_coeff,
+        beta=tr.beta,
+        me_divergence=tr.me_divergence,
+        me_mask_question=tr.me_mask_question,
+        protocol=cfg.protocol,
+    )
+
+    # 1-2. model, tokenizer, data
+    tokenizer = tokenizer or load_tokenizer(resolved.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    use_ds = tr.deepspeed is not None
+    grad_accum = accumulation_steps(tr.effective_batch_size, tr.per_device_batch_size, world.size)
+    ds_config = deepspeed_config(cfg, grad_accum, use_gpu) if use_ds else None
+    dtype, amp = precision_plan(cfg.model.dtype, world.device, use_ds, tr.lora.enabled)
+    zero3_config = ds_config if use_ds and tr.deepspeed.zero_stage == 3 else None
+    partitioned = model is None and zero3_config is not None  # weights born in ZeRO-3 partitions
+    if model is None:
+        with _zero3_init(zero3_config):
+            model = _load_trained_model(resolved.model, dtype, tr.liger)
+    elif tr.liger:
+        apply_liger(model)
+    if use_ds and tr.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    dataset = UnlearnDataset(
+        data.forget, data.retain, data.idk_templates, tokenizer,
+        cfg.model.prompt_template, cfg.data.max_length, tr.seed, pairing=cfg.protocol,
+    )
+    if cfg.protocol == "seed":  # the seed pads every sample to max_length with EOS (unattended); see FIDELITY.md
+        collate = lambda items: collate_unlearn(  # noqa: E731
+            items, tokenizer.eos_token_id, length=cfg.data.max_length, seed_layout=True)
+    else:
+        collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=tr.seed)
+        if world.size > 1
+        else None
+    )
+    generator = torch.Generator().manual_seed(tr.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=tr.per_device_batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=generator if sampler is None else None,
+    )
+
+    # 3. reference: a snapshot of the model as this run starts (NPO/DPO: log-probs, KL:
+    # distributions); the continual scenario may pass the initial model instead.
+    ref_model = None
+    if reference is not None and (method.needs_ref_model or method.needs_ref_logps):
+        ref_model = _freeze(reference)
+    elif method.needs_ref_model and tr.lora.enabled:
+        pass  # the LoRA model with its adapters switched off, set once the adapters exist
+    elif method.needs_ref_model and partitioned:
+        # A partitioned model cannot be deep-copied (each parameter is an empty shell plus
+        # DeepSpeed state): load the reference from the same weights, partitioned likewise.
+        with _zero3_init(zero3_config):
+            ref_model = _freeze(_load_trained_model(resolved.model, dtype, tr.liger))
+    elif method.needs_ref_model:
+        ref_model = _freeze(copy.deepcopy(model))
+    if not use_ds:
+        model.to(world.device)
+        if ref_model is not None:
+            ref_model.to(world.device)
+
+    if tr.lora.enabled:
+        model = apply_lora(model, r=tr.lora.r, alpha=tr.lora.alpha, dropout=tr.lora.dropout,
+                           target_modules=tr.lora.target_modules)
+        if method.needs_ref_model and ref_model is None:
+            ref_model = AdapterDisabled(model)  # the frozen base is the starting model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 4. optimisation
+    steps = plan_steps(cfg.protocol, len(dataset), len(loader), tr.per_device_batch_size, grad_accum,
+                       world.size, tr.epochs, tr.warmup_epochs)
+    if use_ds and tr.deepspeed.offload_optimizer == "cpu":
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed insists on its own CPU Adam
+        # (JIT-compiled on first use; AdamW semantics with adamw_mode=True).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable, lr=tr.lr, weight_decay=tr.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
+    scheduler = steps.scheduler(optimizer)
+    engine = model
+    if use_ds:
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=trainable,
+        )
+        if ref_model is not None and not isinstance(ref_model, AdapterDisabled):
+            ref_config = {k: v for k, v in ds_config.items() if k not in ("gradient_accumulation_steps", "data_types")}
+            if tr.deepspeed.zero_stage != 3:
+                ref_config["zero_optimization"] = {"stage": 0}
+            ref_model, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+            ref_model.eval()
+        world = World(world.rank, world.local_rank, world.size, engine.device)
+
+    ref_logps = None
+    if method.needs_ref_logps:
+        full_loader = DataLoader(dataset, batch_size=tr.per_device_batch_size, shuffle=False, collate_fn=collate)
+        with _autocast(world.device, amp):
+            ref_logps = collect_reference_logps(
+                engine if reference is None else ref_model,
+                (_to_device(b, world.device) for b in full_loader), len(dataset), method.ref_logp_keys,
+            )
+        if not method.needs_ref_model:
+            ref_model = None  # NPO/DPO need only the log-probs: hold no second model
+
+    return Run(cfg, memory, world, method, params, tokenizer, sampler, loader, steps, grad_accum, engine,
+               optimizer, scheduler, trainable, ref_model, ref_logps, amp, use_ds)
+
+
+def check_finite(losses: list[tuple[int, int, torch.Tensor]], run: Run) -> None:
+    """Raise :class:`DivergenceError` naming the first non-finite loss of ``losses`` (epoch,
+    batch, value); one host synchronisation for all of them."""
+    if not losses:
+        return
+    values = torch.stack([loss for _, _, loss in losses])
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0, 0])
+    epoch, batch, _ = losses[first]
+    raise DivergenceError(
+        f"loss became {float(values[first])} at epoch {epoch}, batch {batch} "
+        f"(method {run.method.name}, lr {run.cfg.training.lr}); the run stops here"
+    )
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One epoch of micro-steps: ``{"loss", "forget_loss", "reg_loss"}`` averaged over its batches.
+
+    No host synchronisation per micro-step: the loss parts are summed on the device and the
+    losses checked for NaN/inf once per optimizer step (before the step is applied), and once
+    more at the epoch's end for micro-steps after the last step (protocol seed).
+    """
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    run.engine.train()
+    device = run.world.device
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "forget_loss", "reg_loss")}
+    unchecked: list[tuple[int, int, torch.Tensor]] = []  # micro-steps since the last optimizer step
+    n_batches = 0
+    for i, batch in enumerate(run.loader):
+        if not run.steps.runs(epoch, i):
+            break  # seed protocol: the planned optimizer steps are done
+        batch = _to_device(batch, device)
+        with _autocast(device, run.amp):
+            loss, parts = compute_loss(run.method, run.engine, batch, run.params, ref_model=run.ref_model,
+                                       ref_logps=run.ref_logps, as_tensors=True)
+        for k in sums:
+            sums[k] += parts[k]
+        unchecked.append((epoch, i, loss.detach()))
+        n_batches += 1
+        boundary = run.steps.boundary(epoch, i)
+        if boundary:
+            run.step_lrs.append(float(run.scheduler.get_last_lr()[0]))  # the lr this step applies
+        if run.use_ds:
+            # The plan, not DeepSpeed's own micro-step counter, decides the boundaries.
+            run.engine.set_gradient_accumulation_boundary(boundary)
+            run.engine.backward(loss)
+            if boundary:
+                check_finite(unchecked, run)
+                unchecked.clear()
+            run.engine.step()  # steps optimizer and scheduler at the boundary only
+            continue
+        (loss / run.grad_accum).backward()
+        if boundary:
+            check_finite(unchecked, run)
+            unchecked.clear()
+            average_gradients(run.trainable, run.world)
+            torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer_steps += 1
+    check_finite(unchecked, run)
+    return {k: float(v) / max(1, n_batches) for k, v in sums.items()}
+
+
 def run_unlearning(
     cfg: ExperimentConfig,
     reporter: Reporter | None = None,
@@ -340,206 +651,51 @@ def run_unlearning(
     """
     if evaluate_epochs not in ("every", "last"):
         raise ValueError(f"evaluate_epochs must be 'every' or 'last', got {evaluate_epochs!r}")
-    tr = cfg.training
-    world = current_world(use_gpu)
-    seed_everything(tr.seed)
-    method = parse_method(tr.method)
-    params = LossParams(
-        forget_coeff=tr.forget_coeff,
-        reg_coeff=tr.reg_coeff,
-        beta=tr.beta,
-        me_divergence=tr.me_divergence,
-        me_mask_question=tr.me_mask_question,
-        protocol=cfg.protocol,
-    )
-
-    # 1-2. model, tokenizer, data ------------------------------------------------------------
+    seed_everything(cfg.training.seed)
     resolved = resolved or resolve(cfg)
     data = data or load_run_data(cfg, resolved)
-    if not data.forget:
-        raise ValueError("the forget set is empty")
-    if method.regularizer is not None and not data.retain:
-        raise ValueError("the retain set is empty but the method has a regularizer")
-    tokenizer = tokenizer or load_tokenizer(resolved.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    use_ds = tr.deepspeed is not None
-    grad_accum = accumulation_steps(tr.effective_batch_size, tr.per_device_batch_size, world.size)
-    ds_config = deepspeed_config(cfg, grad_accum, use_gpu) if use_ds else None
-    dtype, amp = precision_plan(cfg.model.dtype, world.device, use_ds, tr.lora.enabled)
-    zero3_config = ds_config if use_ds and tr.deepspeed.zero_stage == 3 else None
-    partitioned = model is None and zero3_config is not None  # weights born in ZeRO-3 partitions
-    if model is None:
-        with _zero3_init(zero3_config):
-            model = load_model(resolved.model, dtype=dtype)
-    if use_ds and tr.deepspeed.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-
-    seed = cfg.protocol == "seed"
-    dataset = UnlearnDataset(
-        data.forget, data.retain, data.idk_templates, tokenizer,
-        cfg.model.prompt_template, cfg.data.max_length, tr.seed, pairing=cfg.protocol,
-    )
-    if seed:  # the seed pads every sample to max_length with EOS (unattended); see FIDELITY.md
-        collate = lambda items: collate_unlearn(  # noqa: E731
-            items, tokenizer.eos_token_id, length=cfg.data.max_length, seed_layout=True)
-    else:
-        collate = lambda items: collate_unlearn(items, pad_id)  # noqa: E731
-    sampler = (
-        DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=tr.seed)
-        if world.size > 1
-        else None
-    )
-    generator = torch.Generator().manual_seed(tr.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=tr.per_device_batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        collate_fn=collate,
-        generator=generator if sampler is None else None,
-    )
-
-    # 3. reference ------------------------------------------------------------------------
-    # The reference anchors NPO/DPO (log-probs) and KL (distributions): by default a snapshot
-    # of the model as this run starts; the continual scenario may pass the initial model.
-    ref_model = None
-    if reference is not None and (method.needs_ref_model or method.needs_ref_logps):
-        ref_model = _freeze(reference)
-    elif method.needs_ref_model and tr.lora.enabled:
-        pass  # the LoRA model with its adapters switched off, set once the adapters exist
-    elif method.needs_ref_model and partitioned:
-        # A partitioned model cannot be deep-copied (each parameter is an empty shell plus
-        # DeepSpeed state): load the reference from the same weights, partitioned likewise.
-        with _zero3_init(zero3_config):
-            ref_model = _freeze(load_model(resolved.model, dtype=dtype))
-    elif method.needs_ref_model:
-        ref_model = _freeze(copy.deepcopy(model))
-    if not use_ds:
-        model.to(world.device)
-        if ref_model is not None:
-            ref_model.to(world.device)
-
-    if tr.lora.enabled:
-        model = apply_lora(model, r=tr.lora.r, alpha=tr.lora.alpha, dropout=tr.lora.dropout,
-                           target_modules=tr.lora.target_modules)
-        if method.needs_ref_model and ref_model is None:
-            ref_model = AdapterDisabled(model)  # the frozen base is the starting model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    # 4. optimisation -----------------------------------------------------------------------
-    plan = plan_steps(cfg.protocol, len(dataset), len(loader), tr.per_device_batch_size, grad_accum,
-                      world.size, tr.epochs, tr.warmup_epochs)
-    if use_ds and tr.deepspeed.offload_optimizer == "cpu":
-        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed insists on its own CPU Adam
-        # (JIT-compiled on first use; AdamW semantics with adamw_mode=True).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(trainable, lr=tr.lr, weight_decay=tr.weight_decay, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
-    scheduler = plan.scheduler(optimizer)
-    engine = model
-    if use_ds:
-        import deepspeed
-
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=trainable,
-        )
-        if ref_model is not None and not isinstance(ref_model, AdapterDisabled):
-            ref_config = {k: v for k, v in ds_config.items() if k != "gradient_accumulation_steps"}
-            if tr.deepspeed.zero_stage != 3:
-                ref_config["zero_optimization"] = {"stage": 0}
-            ref_model, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
-            ref_model.eval()
-        world = World(world.rank, world.local_rank, world.size, engine.device)
-
-    ref_logps = None
-    if method.needs_ref_logps:
-        full_loader = DataLoader(dataset, batch_size=tr.per_device_batch_size, shuffle=False, collate_fn=collate)
-        with _autocast(world.device, amp):
-            ref_logps = collect_reference_logps(
-                engine if reference is None else ref_model,
-                (_to_device(b, world.device) for b in full_loader), len(dataset), method.ref_logp_keys,
-            )
-        if not method.needs_ref_model:
-            ref_model = None  # NPO/DPO need only the log-probs: hold no second model
-
+    run = build_run(cfg, use_gpu=use_gpu, resolved=resolved, data=data, model=model, tokenizer=tokenizer,
+                    reference=reference)
+    cfg, tr = run.cfg, run.cfg.training
     if evaluator is None:
-        evaluator = default_evaluator(cfg, resolved, data, world, engine if use_ds else None)
+        evaluator = default_evaluator(cfg, resolved, data, run.world, run.engine if run.use_ds else None)
     eval_epochs = set(evaluation_epochs("last" if evaluate_epochs == "last" else cfg.eval.every,
                                         tr.epochs, cfg.eval.rung_epochs))
 
-    # 5. epochs -----------------------------------------------------------------------------
+    # 5. epochs
     result = RunResult()
     best_objective = -math.inf
-    optimizer_steps = 0  # plain torch; DeepSpeed counts its own (engine.global_steps)
-    step_lrs: list[float] = []
     for epoch in range(1, tr.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        engine.train()
         started = time.perf_counter()
-        sums = {"loss": 0.0, "forget_loss": 0.0, "reg_loss": 0.0}
-        n_batches = 0
-        for i, batch in enumerate(loader):
-            if not plan.runs(epoch, i):
-                break  # seed protocol: the planned optimizer steps are done
-            batch = _to_device(batch, world.device)
-            with _autocast(world.device, amp):
-                loss, parts = compute_loss(method, engine, batch, params, ref_model=ref_model, ref_logps=ref_logps)
-            if not torch.isfinite(loss):
-                raise DivergenceError(
-                    f"loss became {float(loss.detach())} at epoch {epoch}, batch {i} "
-                    f"(method {method.name}, lr {tr.lr}); the run stops here"
-                )
-            for k in sums:
-                sums[k] += parts[k]
-            n_batches += 1
-            boundary = plan.boundary(epoch, i)
-            if boundary:
-                step_lrs.append(float(scheduler.get_last_lr()[0]))  # the lr this step applies
-            if use_ds:
-                # The plan, not DeepSpeed's own micro-step counter, decides the boundaries.
-                engine.set_gradient_accumulation_boundary(boundary)
-                engine.backward(loss)
-                engine.step()  # steps optimizer and scheduler at the boundary only
-                continue
-            (loss / grad_accum).backward()
-            if boundary:
-                average_gradients(trainable, world)
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                optimizer_steps += 1
+        train_losses = train_epoch(run, epoch)
         train_seconds = time.perf_counter() - started
         if epoch not in eval_epochs:
             continue  # eval.every: rungs evaluates (and reports) only where ASHA decides
 
-        engine.eval()
+        run.engine.eval()
         started = time.perf_counter()
-        with torch.no_grad(), _autocast(world.device, amp):
-            metrics, samples = evaluator(_unwrap(engine), tokenizer)
+        with torch.no_grad(), _autocast(run.world.device, run.amp):
+            metrics, samples = evaluator(_unwrap(run.engine), run.tokenizer)
         metrics = dict(metrics)
-        metrics.update({f"train/{k}": v / max(1, n_batches) for k, v in sums.items()})
+        metrics.update({f"train/{k}": v for k, v in train_losses.items()})
         metrics.update({
             "epoch": epoch,
-            "train/lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else tr.lr,
-            "train/optimizer_steps": float(engine.global_steps if use_ds else optimizer_steps),
-            "train/planned_steps": float(plan.total_steps),
+            "train/lr": float(run.scheduler.get_last_lr()[0]) if hasattr(run.scheduler, "get_last_lr") else tr.lr,
+            "train/optimizer_steps": float(run.global_steps),
+            "train/planned_steps": float(run.steps.total_steps),
+            "train/gradient_accumulation": float(run.grad_accum),
             "time/train_s": train_seconds,
             "time/eval_s": time.perf_counter() - started,
         })
-        if step_lrs:
-            metrics["train/lr_last_step"] = step_lrs[-1]  # the lr the latest optimizer step applied
-        if use_ds:
-            metrics["train/zero_stage"] = float(engine.zero_optimization_stage())
+        metrics.update(run.memory.metrics())
+        if run.step_lrs:
+            metrics["train/lr_last_step"] = run.step_lrs[-1]  # the lr the latest optimizer step applied
+        if run.use_ds:
+            metrics["train/zero_stage"] = float(run.engine.zero_optimization_stage())
         if "objective" not in metrics and "MU" in metrics and "FE" in metrics:
             metrics["objective"] = objective_of(metrics["MU"], metrics["FE"])
 
+        # 6. checkpoint
         checkpoint = None
         objective = metrics.get("objective", -math.inf)
         is_best = objective > best_objective
@@ -547,12 +703,13 @@ def run_unlearning(
             best_objective = objective
             result.best = metrics
         if tr.save_checkpoint == "best" and is_best or tr.save_checkpoint == "final" and epoch == tr.epochs:
-            checkpoint = save_checkpoint(engine, tokenizer, _output_dir(cfg) / tr.save_checkpoint, world, use_ds)
+            checkpoint = save_checkpoint(run.engine, run.tokenizer, _output_dir(cfg) / tr.save_checkpoint, run.world,
+                                         run.use_ds)
             result.checkpoint = checkpoint
         result.history.append(metrics)
         if reporter is not None:
             reporter(EpochReport(epoch, metrics, samples, checkpoint))
-    result.model = _unwrap(engine)
+    result.model = _unwrap(run.engine)
     return result
 
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from raysweep.config import load_or_exit
+from raysweep.config import fail, load_or_exit
 
 
 def _print_epoch(report) -> None:
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # what the trial's worker had
+    if cfg.experiment.training.liger:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(args.config, "experiment.training.liger", "true needs a CUDA GPU (Liger's kernels are Triton); none is visible")
 
     from raysweep.runner import run_experiment
     from raysweep.train import DivergenceError

@@ -280,6 +280,26 @@ def test_torch_on_every_node_is_the_tested_version_within_pyproject(provider):
         assert f'pip install "torch=={_tested_torch()}"' in setup and f'echo "torch=={_tested_torch()}"' in setup
 
 
+def test_no_cluster_file_pins_another_torch():
+    """One torch version: every cluster file that pins torch (cluster-local.yaml, the fake
+    multi-node rehearsal, installs nothing today) pins the tested one, and pyproject's range
+    holds it."""
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    files = sorted(ROOT.glob("cluster*.yaml"))
+    assert {f.name for f in files} >= {"cluster.yaml", "cluster-local.yaml"}
+    for path in files:
+        pins = set(re.findall(r"torch==([\w.+]+)", path.read_text()))
+        assert pins <= {_tested_torch()}, (path.name, pins)
+        assert all(torch_req.specifier.contains(p) for p in pins), (path.name, pins, str(torch_req.specifier))
+
+
 def test_gcp_placeholders_are_marked():
     """GCP needs a project id, which has no default: it stays a marked placeholder."""
     if "gcp" not in PROVIDERS:

@@ -489,3 +489,104 @@ def test_lora_reference_with_adapters_off_equals_a_copy_of_the_base(tiny_model, 
         assert torch.allclose(a, b, atol=1e-7)
     with pytest.raises(TypeError, match="peft model"):
         AdapterDisabled(tiny_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward per step: the fused path against one forward per part
+# ---------------------------------------------------------------------------------------------
+
+
+def _left_padded(part):
+    """The same examples left-padded (each row's real tokens moved to the end)."""
+    out = {k: torch.zeros_like(v) for k, v in part.items()}
+    out["labels"].fill_(-100)
+    for row, n in enumerate(part["attention_mask"].sum(dim=1).tolist()):
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key][row, -n:] = part[key][row, :n]
+    return out
+
+
+def _uneven_batch():
+    """Parts of four different widths (8, 11, 6, 9 tokens)."""
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "forget": _part(gen, [3, 4, 2], [4, 2, 5]),
+        "forget_idk": _part(gen, [3, 4, 2], [3, 6, 3]),
+        "retain": _part(gen, [2, 3, 1], [3, 2, 2]),
+        "retain_idk": _part(gen, [2, 3, 4], [3, 3, 4]),
+        "index": torch.tensor((0, 1, 2)),
+    }
+
+
+def _loss_and_grads(method, model, batch, params, ref_model, ref_logps, **kw):
+    model.zero_grad(set_to_none=True)
+    loss, parts = L.compute_loss(method, model, batch, params, ref_model, ref_logps, **kw)
+    loss.backward()
+    return loss.detach(), parts, [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("protocol", ["raysweep", "seed"])
+@pytest.mark.parametrize("name", L.METHODS)
+def test_one_fused_forward_gives_the_loss_and_gradients_of_one_forward_per_part(tiny_model, name, protocol,
+                                                                                padding_side):
+    """The parts have different widths: the fused batch pads them, runs once and splits back;
+    loss, its parts and every gradient equal the per-part path's to 1e-5."""
+    method = L.parse_method(name)
+    model = _perturbed(tiny_model)
+    batch = _uneven_batch()
+    if padding_side == "left":
+        batch = {k: (_left_padded(v) if isinstance(v, dict) else v) for k, v in batch.items()}
+    assert len({batch[k]["input_ids"].shape[1] for k in method.batch_keys}) == len(method.batch_keys)
+    ref_model = tiny_model if method.needs_ref_model or method.needs_ref_logps else None  # NPO/DPO: live reference
+    params = L.LossParams(beta=0.3, protocol=protocol)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        fused = _loss_and_grads(method, model, batch, params, ref_model, None, padding_side=padding_side)
+        assert len(calls) == 1  # one forward of the trained model per step
+        per_part = _loss_and_grads(method, model, batch, params, ref_model, None, fuse=False)
+        assert len(calls) == 1 + len(method.batch_keys)
+    finally:
+        hook.remove()
+    assert fused[0] == pytest.approx(per_part[0].item(), abs=1e-5, rel=1e-5)
+    for key in ("forget_loss", "reg_loss"):
+        assert fused[1][key] == pytest.approx(per_part[1][key], abs=1e-5, rel=1e-5)
+    for got, want in zip(fused[2], per_part[2]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_reference_forward_runs_once(tiny_model):
+    """DPO+KL with a live reference: the reference's three parts run in one forward too."""
+    ref = copy.deepcopy(tiny_model)
+    calls = []
+    ref.register_forward_pre_hook(lambda module, args: calls.append(1))
+    L.compute_loss("DPO+KL", _perturbed(tiny_model), _uneven_batch(), L.LossParams(), ref_model=ref)
+    assert len(calls) == 1
+
+
+def test_as_tensors_keeps_parts_on_the_device(tiny_model):
+    loss, parts = L.compute_loss("GA+GD", tiny_model, _batch(), as_tensors=True)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in parts.values())
+    assert parts["loss"].item() == pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="padding_side"):
+        L.compute_loss("GA+GD", tiny_model, _batch(), padding_side="middle")
+
+
+@pytest.mark.parametrize("name", ["GA+GD", "IDK+AP"])
+def test_fused_left_padding_keeps_absolute_positions(name):
+    """Llama's rotary positions are shift-invariant, GPT-2's learned absolute ones are not: on
+    GPT-2 the left-padded fused batch must pass each token its own part's position."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2)).float()
+    model.eval()
+    batch = {k: (_left_padded(v) if isinstance(v, dict) else v) for k, v in _uneven_batch().items()}
+    fused = _loss_and_grads(name, model, batch, L.LossParams(), None, None, padding_side="left")
+    per_part = _loss_and_grads(name, model, batch, L.LossParams(), None, None, fuse=False)
+    assert fused[0] == pytest.approx(per_part[0].item(), abs=1e-5, rel=1e-5)
+    for got, want in zip(fused[2], per_part[2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

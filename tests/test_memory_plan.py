@@ -125,3 +125,147 @@ def test_shape_from_hf_config_counts_parameters_exactly():
     shape = ModelShape.from_hf_config(config)
     real = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     assert shape == ModelShape(n_params=real, layers=3, hidden=64, heads=4, vocab=500)
+
+
+# ----------------------------------------------------------------------------- config -> resolved run
+
+
+def _llama_config(shape: ModelShape):
+    from transformers import LlamaConfig
+
+    # Llama-2-7B's architecture (intermediate 11008, untied head): 6.74 B parameters
+    return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=11008,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads, tie_word_embeddings=False)
+
+
+def _experiment(deepspeed, batch="auto", method="GA+GD", **data):
+    from raysweep.config import DataConfig, ExperimentConfig, TrainingConfig
+
+    training = TrainingConfig(method=method, effective_batch_size=32, per_device_batch_size=batch, deepspeed=deepspeed)
+    return ExperimentConfig(training=training, data=DataConfig(max_length=160, **data))
+
+
+def _world(size: int, device: str = "cpu"):
+    import torch
+
+    from raysweep.train import World
+
+    return World(rank=0, local_rank=0, size=size, device=torch.device(device))
+
+
+AUTO = {"zero_stage": "auto", "offload_optimizer": "auto", "gradient_checkpointing": "auto"}
+
+
+def test_yaml_keys_take_auto_and_reject_other_words(tmp_path):
+    from raysweep.config import ConfigError, DeepSpeedConfig, load_config
+
+    assert DeepSpeedConfig().model_dump() == {**AUTO, "offload_param": "none"}  # the default is the plan
+    path = tmp_path / "s.yaml"
+    path.write_text("experiment:\n  training:\n    per_device_batch_size: auto\n"
+                    "    deepspeed: {zero_stage: auto, offload_optimizer: auto, gradient_checkpointing: auto}\n")
+    cfg = load_config(path)
+    assert cfg.experiment.training.per_device_batch_size == "auto"
+    assert cfg.experiment.training.deepspeed.zero_stage == "auto"
+    assert load_config(path, ["experiment.training.deepspeed.zero_stage=2",
+                              "experiment.training.per_device_batch_size=8"]).experiment.training.per_device_batch_size == 8
+    for key, value in [("deepspeed.zero_stage", "4"), ("deepspeed.offload_optimizer", "gpu"),
+                       ("deepspeed.gradient_checkpointing", "sometimes"), ("per_device_batch_size", "0"),
+                       ("per_device_batch_size", "big")]:
+        with pytest.raises(ConfigError, match=f"experiment.training.{key.split('.')[0]}"):
+            load_config(path, [f"experiment.training.{key}={value}"])
+
+
+def test_cpu_auto_is_zero3_without_offload_or_checkpointing():
+    from raysweep.losses import parse_method
+    from raysweep.train import deepspeed_config, resolve_memory_plan
+
+    cfg = _experiment(AUTO)
+    resolved, plan = resolve_memory_plan(cfg, _world(2), parse_method("GA+GD"), "unused", gpu_bytes=None)
+    assert plan.source == "cpu" and "no GPU memory to measure" in plan.describe()
+    ds = resolved.training.deepspeed
+    assert (ds.zero_stage, ds.offload_optimizer, ds.gradient_checkpointing) == (3, "none", False)
+    assert resolved.training.per_device_batch_size == 16  # the per-rank batch (32 / 2), up to MAX_BATCH
+    config = deepspeed_config(resolved, 1, use_gpu=False)
+    assert config["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in config["zero_optimization"]
+    assert config["train_micro_batch_size_per_gpu"] == 16
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg.training.deepspeed.zero_stage == "auto"  # the caller's config is left as it was
+    with pytest.raises(ValueError, match="resolved config"):
+        deepspeed_config(cfg, 1, use_gpu=False)
+
+
+@pytest.mark.parametrize("method, expected", [("GA+GD", (2, "none", False, 4, 4)), ("GA+KL", (3, "none", False, 4, 4))])
+def test_gpu_auto_follows_the_plan_table_into_the_deepspeed_config(method, expected):
+    """7B on 2 x 80 GB (the table): GD trains ZeRO-2, KL's reference pushes it to ZeRO-3; the
+    DeepSpeed config carries the plan's stage, micro-batch and accumulation."""
+    from types import SimpleNamespace
+
+    from raysweep.losses import parse_method
+    from raysweep.train import accumulation_steps, deepspeed_config, resolve_memory_plan
+
+    model = SimpleNamespace(config=_llama_config(LLAMA2_7B))
+    resolved, plan = resolve_memory_plan(_experiment(AUTO, method=method), _world(2, "cuda"), parse_method(method),
+                                         "unused", model=model, gpu_bytes=80 * GiB)
+    assert plan.source == "estimate" and plan.plan is not None
+    tr = resolved.training
+    accumulation = accumulation_steps(tr.effective_batch_size, tr.per_device_batch_size, 2)
+    config = deepspeed_config(resolved, accumulation, use_gpu=True)
+    got = (config["zero_optimization"]["stage"], tr.deepspeed.offload_optimizer, tr.deepspeed.gradient_checkpointing,
+           config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"])
+    assert got == expected
+    assert config["bf16"] == {"enabled": True} and config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert plan.metrics()["plan/zero_stage"] == expected[0]
+    assert plan.metrics()["plan/estimate_gb"] == pytest.approx(plan.plan.estimate_bytes / GB)
+    assert f"ZeRO-{expected[0]}" in plan.describe() and "estimate" in plan.describe()
+
+
+def test_fixed_values_need_no_model_and_lora_holds_no_reference():
+    from raysweep.config import LoraConfig
+    from raysweep.losses import parse_method
+    from raysweep.train import resolve_memory_plan
+
+    fixed = {"zero_stage": 3, "offload_optimizer": "cpu", "gradient_checkpointing": True}
+    resolved, plan = resolve_memory_plan(_experiment(fixed, batch=4), _world(2, "cuda"), parse_method("GA+KL"),
+                                         "/nonexistent", gpu_bytes=80 * GiB)  # the model is never looked at
+    assert plan.source == "config" and plan.plan is None
+    assert (resolved.training.deepspeed.zero_stage, resolved.training.per_device_batch_size) == (3, 4)
+    # Only the batch auto: the plan keeps the fixed ZeRO settings.
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=_llama_config(LLAMA2_7B))
+    _, plan = resolve_memory_plan(_experiment(fixed), _world(2, "cuda"), parse_method("GA+KL"), "", model=model,
+                                  gpu_bytes=80 * GiB)
+    assert (plan.zero_stage, plan.offload_optimizer, plan.gradient_checkpointing) == (3, "cpu", True)
+    # Under LoRA, KL's reference is the adapter-free base: no second model in the estimate.
+    cfg = _experiment(AUTO, method="GA+KL")
+    cfg.training.lora = LoraConfig(enabled=True)
+    _, plan = resolve_memory_plan(cfg, _world(2, "cuda"), parse_method("GA+KL"), "", model=model, gpu_bytes=80 * GiB)
+    assert dict(plan.plan.components)["reference"] == 0 and plan.zero_stage == 2
+
+
+def test_plain_torch_batch_auto_plans_a_full_replica():
+    from types import SimpleNamespace
+
+    from raysweep.losses import parse_method
+    from raysweep.train import resolve_memory_plan
+
+    model = SimpleNamespace(config=_llama_config(LLAMA2_7B))
+    with pytest.raises(PlanError, match="does not fit 1 GPU"):  # 16 bytes/param of a 7B on one 80 GB GPU
+        resolve_memory_plan(_experiment(None), _world(2, "cuda"), parse_method("GA+GD"), "", model=model,
+                            gpu_bytes=80 * GiB)
+    small = SimpleNamespace(config=_llama_config(ModelShape(0, layers=4, hidden=512, heads=8, vocab=32_000)))
+    resolved, plan = resolve_memory_plan(_experiment(None), _world(2, "cuda"), parse_method("GA+GD"), "",
+                                         model=small, gpu_bytes=80 * GiB)
+    assert resolved.training.deepspeed is None and plan.zero_stage is None
+    assert resolved.training.per_device_batch_size == 16 and "full replica" in plan.describe()
+
+
+def test_measured_gpu_memory_is_the_free_memory_of_the_device(monkeypatch):
+    import torch
+
+    from raysweep.train import measured_gpu_bytes
+
+    assert measured_gpu_bytes(_world(1)) is None  # CPU: nothing to measure
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GiB)
+    assert measured_gpu_bytes(_world(1, "cuda")) == 72 * GiB

@@ -133,3 +133,87 @@ def test_apply_lora_explicit_and_unknown_targets(tokenizer):
     with pytest.raises(ValueError, match="query_key_value") as err:
         apply_lora(build_tiny_model(SPEC, tokenizer), target_modules=["q_proj", "query_key_value"])
     assert "q_proj" in str(err.value) and "down_proj" in str(err.value)  # lists what exists
+
+
+def test_load_model_asks_for_sdpa_and_falls_back_where_unsupported(model, tokenizer, tmp_path, monkeypatch, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"  # the embedded model is a Llama
+    assert load_model(str(tmp_path), attn_implementation="eager").config._attn_implementation == "eager"
+
+    real = AutoModelForCausalLM.from_pretrained
+    asked = []
+
+    def no_sdpa(path, **kwargs):  # an architecture without SDPA: transformers' own error
+        asked.append(kwargs.get("attn_implementation"))
+        if kwargs.get("attn_implementation") == "sdpa":
+            raise ValueError("FooForCausalLM does not support an attention implementation through "
+                             "torch.nn.functional.scaled_dot_product_attention yet (attn_implementation='sdpa')")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_sdpa)
+    with caplog.at_level("WARNING", logger="raysweep.models"):
+        loaded = load_model(str(tmp_path))
+    assert asked == ["sdpa", None] and loaded is not None
+    assert "not supported" in caplog.text
+
+    def broken(path, **kwargs):  # any other error is not swallowed
+        raise ValueError("config.json is corrupt")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(str(tmp_path))
+
+
+def _fake_liger(monkeypatch, model_types=("llama",)):
+    """A stand-in for liger-kernel (it needs Triton/CUDA): records what would be patched."""
+    import sys
+    import types
+
+    calls = []
+    monkey_patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {t: object() for t in model_types}
+    monkey_patch._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((model, kw))
+    package = types.ModuleType("liger_kernel")
+    transformers_pkg = types.ModuleType("liger_kernel.transformers")
+    transformers_pkg.monkey_patch = monkey_patch
+    package.transformers = transformers_pkg
+    for name, module in [("liger_kernel", package), ("liger_kernel.transformers", transformers_pkg),
+                         ("liger_kernel.transformers.monkey_patch", monkey_patch)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_liger_patches_rmsnorm_swiglu_rope_but_not_the_cross_entropy(model, monkeypatch):
+    from raysweep.models import apply_liger
+
+    calls = _fake_liger(monkeypatch)
+    with pytest.raises(RuntimeError, match="training.liger: true needs a CUDA GPU"):
+        apply_liger(model)  # this machine has no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    apply_liger(model)
+    assert calls == [(model, {"rope": True, "rms_norm": True, "swiglu": True,
+                              "cross_entropy": False, "fused_linear_cross_entropy": False})]
+    _fake_liger(monkeypatch, model_types=("mistral",))
+    with pytest.raises(ValueError, match="no kernels for model type 'llama'"):
+        apply_liger(model)
+
+
+def test_liger_without_the_package_is_a_config_error(monkeypatch, tmp_path):
+    import sys
+
+    from raysweep.config import ConfigError, load_config, load_or_exit
+
+    path = tmp_path / "s.yaml"
+    path.write_text("experiment:\n  training: {liger: true}\nsearch:\n  resources: {use_gpu: true}\n")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not importable, whatever is installed
+    with pytest.raises(ConfigError, match=r"experiment.training.liger: true needs the liger-kernel package"):
+        load_config(path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_or_exit(path)
+    assert exit_info.value.code == 2
+    _fake_liger(monkeypatch)
+    assert load_config(path).experiment.training.liger is True
+    with pytest.raises(ConfigError, match=r"experiment.training.liger: true needs GPUs"):
+        load_config(path, ["search.resources.use_gpu=false"])

@@ -210,6 +210,42 @@ def test_divergence_stops_the_run_with_a_clear_error(embedded, embedded_specs, m
     assert capture.reports == []  # nothing was reported from a diverged epoch
 
 
+def test_auto_batch_on_cpu_is_planned_printed_and_reported(embedded, embedded_specs, capsys):
+    """per_device_batch_size: auto without a GPU: the per-rank batch (here 8, one micro-step a
+    step); the plan is printed once and its values reach every epoch report (and so MLflow)."""
+    capture = Capture()
+    cfg = experiment(embedded_specs, method="GA+GD", epochs=2, effective_batch_size=8, per_device_batch_size="auto")
+    run_unlearning(cfg, capture, evaluator=lambda model, tokenizer: ({"objective": 0.5}, {}))
+    assert capsys.readouterr().err.count("raysweep: memory plan (CPU run") == 1
+    for report in capture.reports:
+        assert report.metrics["plan/per_device_batch_size"] == 8 and report.metrics["train/gradient_accumulation"] == 1
+        assert report.metrics["plan/zero_stage"] == -1  # no DeepSpeed
+    assert cfg.training.per_device_batch_size == "auto"  # the caller's config is not changed
+
+
+def test_divergence_is_checked_once_per_optimizer_step_not_per_micro_step(embedded, embedded_specs, monkeypatch):
+    """Accumulation 4: a NaN at micro-step 1 is found at the optimizer step after micro-step 3
+    (no host synchronisation in between), named by its own batch, before any step is applied."""
+    import raysweep.train as train
+
+    real, calls = train.compute_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        assert all(isinstance(v, torch.Tensor) for v in parts.values())  # nothing converted to a float
+        calls.append(len(calls))
+        return (loss * 0 + float("nan"), parts) if len(calls) == 2 else (loss, parts)
+
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    cfg = experiment(embedded_specs, method="GA+GD", effective_batch_size=4, per_device_batch_size=1)
+    with pytest.raises(DivergenceError, match="loss became nan at epoch 1, batch 1 "):
+        run_unlearning(cfg, Capture())
+    assert len(calls) == 4 and steps == []  # checked at the boundary, before the optimizer stepped
+
+
 @pytest.mark.slow
 def test_ga_lowers_forget_probability_and_saves_checkpoint(embedded, embedded_specs, tmp_path):
     capture = Capture()
@@ -293,9 +329,10 @@ def test_unlearn_cli_prints_one_json_line_per_epoch(embedded, embedded_specs, tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("offload, method", [("none", "ME+KL"), ("cpu", "NPO+GD")])
+@pytest.mark.parametrize("offload, method", [("auto", "ME+KL"), ("cpu", "NPO+GD")])
 def test_deepspeed_zero3_on_cpu(embedded, embedded_specs, tmp_path, offload, method):
-    """ZeRO-3 over gloo; with ``offload: cpu`` DeepSpeed's CPU Adam is JIT-built and used.
+    """ZeRO-3 over gloo; with ``offload: cpu`` DeepSpeed's CPU Adam is JIT-built and used; with
+    every setting ``auto`` the CPU plan (ZeRO-3, no offload, no checkpointing) is what runs.
 
     KL's reference model must be a second partitioned load (a partitioned model cannot be
     deep-copied), and Forget Quality's retain model, loaded during evaluation, must not be
@@ -307,9 +344,11 @@ def test_deepspeed_zero3_on_cpu(embedded, embedded_specs, tmp_path, offload, met
     path.write_text(yaml.safe_dump(doc))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    ds = ("{zero_stage: auto, offload_optimizer: auto, gradient_checkpointing: auto}" if offload == "auto" else
+          f"{{zero_stage: 3, offload_optimizer: {offload}, gradient_checkpointing: true}}")
     proc = subprocess.run(
-        [sys.executable, "-m", "raysweep.unlearn", "--config", str(path),
-         "--set", f"experiment.training.deepspeed={{zero_stage: 3, offload_optimizer: {offload}, gradient_checkpointing: true}}"],
+        [sys.executable, "-m", "raysweep.unlearn", "--config", str(path), "--set", f"experiment.training.deepspeed={ds}"]
+        + (["--set", "experiment.training.per_device_batch_size=auto"] if offload == "auto" else []),
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-5000:])
@@ -318,6 +357,11 @@ def test_deepspeed_zero3_on_cpu(embedded, embedded_specs, tmp_path, offload, met
     assert 0 <= lines[0]["objective"] <= 1
     assert lines[0]["train/zero_stage"] == 3  # the DeepSpeed engine really ran ZeRO-3
     assert 0 <= lines[0]["forget_quality"] <= 1
+    assert lines[0]["plan/gradient_checkpointing"] == (0 if offload == "auto" else 1)
+    assert lines[0]["plan/offload_optimizer"] == (1 if offload == "cpu" else 0)
+    assert proc.stderr.count("raysweep: memory plan") == 1
+    if offload == "auto":
+        assert "memory plan (CPU run" in proc.stderr
 
 
 def test_precision_plan_keeps_fp32_weights_for_plain_gpu_full_finetuning():
