@@ -91,7 +91,7 @@ def test_a_report_without_a_finite_objective_fails_the_trial(monkeypatch, metric
     monkeypatch.setattr(ray.train, "report", lambda m, **kw: reported.append(m))
     reporter = RayReporter(None)
     reporter({"epoch": 1, "MU": 0.5, "FE": 0.5, "objective": 0.5})
-    assert reported == [{"epoch": 1, "MU": 0.5, "FE": 0.5, "objective": 0.5}]
+    assert reported == [{"epoch": 1, "MU": 0.5, "FE": 0.5, "objective": 0.5, "objective_best": 0.5}]
     with pytest.raises(ValueError, match=message):
         reporter({"epoch": 2, **metrics})
     assert len(reported) == 1
