@@ -154,6 +154,19 @@ def _settle_config(args: argparse.Namespace, sweep: SweepConfig, experiment_path
     return original_sweep
 
 
+def claim(args: argparse.Namespace, storage: str, name: str) -> str:
+    """Lock ``storage/name`` for this sweep (two sweeps started together in one directory):
+    a generated name moves on to ``-2``, ``-3``, ... when another sweep holds it; ``--name`` and
+    ``--resume`` of a directory a live sweep holds exit 2."""
+    from raysweep.config import fail
+    from raysweep.sweep.storage import ExperimentBusy, claim_experiment
+
+    try:
+        return claim_experiment(storage, name, rename=args.name is None and not args.resume)
+    except ExperimentBusy as err:
+        fail("--resume" if args.resume else "--name", "", f"{err}; wait for it or choose another --name")
+
+
 def prepare(args: argparse.Namespace) -> Prepared | int:
     """Phase 1: everything that can fail before Ray starts (exit 2 with one line), then the
     embedded default built and the MLflow parent run opened. With ``--dry-run``: the exit code
@@ -174,6 +187,7 @@ def prepare(args: argparse.Namespace) -> Prepared | int:
         from raysweep.sweep.plan import dry_run
 
         return dry_run(sweep, args.space, storage, name, address)  # the plan printed; its exit code
+    name = claim(args, storage, name)  # this process's own experiment directory, locked until it exits
     if not os.environ.get(WORKER_ENV):
         from raysweep.scenarios import ensure_embedded_for
 

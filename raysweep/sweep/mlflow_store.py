@@ -5,6 +5,7 @@ sweep's params flattened. Only ``MlflowClient`` is used, never MLflow's global s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -214,8 +215,45 @@ def client_for(uri: str):
     if client is None:
         from mlflow import MlflowClient
 
-        client = _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+        directory = _sqlite_dir(uri)
+        if directory is None:
+            client = MlflowClient(tracking_uri=uri)
+        else:
+            with _sqlite_init_lock(directory):
+                client = MlflowClient(tracking_uri=uri)  # creates the tables of a new database
+                _use_wal(uri[len("sqlite:///"):])
+        _CLIENTS[uri] = client
     return client
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(directory: Path):
+    """An exclusive ``flock`` next to a sqlite store while a client opens it: MLflow creates the
+    tables of a new database on first open, and two sweeps started together on one new
+    ``mlflow.db`` would otherwise both run those migrations (one fails: "table already exists")."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".mlflow-init.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _use_wal(path: str) -> None:
+    """Switch the sqlite store to write-ahead logging (a property of the file, kept): readers --
+    another sweep's, the MLflow UI -- no longer block a writer, so concurrent sweeps see far
+    fewer "database is locked" errors (those left are retried, :func:`retrying`)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as err:  # e.g. a filesystem without shared memory: keep the default journal
+        print(f"note: the MLflow store {path} stays in its default journal mode ({err})", file=sys.stderr)
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:

@@ -68,3 +68,71 @@ def copy_into(files: list[Path], directory: str) -> None:
     for file in files:
         with fs.open_output_stream(f"{inner.rstrip('/')}/{file.name}") as f:
             f.write(file.read_bytes())
+
+
+
+LOCK_FILE = ".raysweep.lock"
+_HELD: dict[str, int] = {}  # experiment directory -> the open, flock-ed lock file of this process
+
+
+class ExperimentBusy(Exception):
+    """Another live sweep holds the experiment directory's lock."""
+
+
+def _try_lock(directory: Path) -> int | None:
+    """The descriptor of ``directory/.raysweep.lock`` held with an exclusive ``flock``, or None
+    when another process holds it. The kernel drops the lock when its process ends, however it
+    ends, so a crashed or killed sweep never leaves a stale one."""
+    import fcntl
+    import os
+    import socket
+
+    fd = os.open(directory / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
+def claim_experiment(storage: str, name: str, *, rename: bool) -> str:
+    """Claim ``storage/name`` for this process (an exclusive ``flock`` on its ``.raysweep.lock``,
+    held until the process ends), so that two sweeps started together never share an experiment
+    directory.
+
+    ``rename``: the name was generated (``<experiment>-<timestamp>``); a directory another sweep
+    holds, or one already holding an experiment, moves this sweep to ``<name>-2``, ``-3``, ...
+    Otherwise (``--name``, ``--resume``) :class:`ExperimentBusy` when a live sweep holds it.
+    Remote storage is not locked. Returns the name claimed."""
+    import os
+
+    if is_remote(storage):
+        return name
+    base, n = name, 1
+    while True:
+        directory = Path(storage) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = _try_lock(directory)
+        if fd is not None and rename and any(directory.glob("experiment_state-*.json")):
+            os.close(fd)  # an earlier sweep's experiment: not this new one's directory
+            fd = None
+        elif fd is None and not rename:
+            holder = (directory / LOCK_FILE).read_text().strip() or "another process"
+            raise ExperimentBusy(f"another sweep ({holder}) is running in {directory}")
+        if fd is not None:
+            _HELD[str(directory)] = fd
+            return name
+        n += 1
+        name = f"{base}-{n}"
+
+
+def release_experiment(storage: str, name: str) -> None:
+    """Drop this process's lock on ``storage/name`` (the file stays; an unlocked file is free)."""
+    import os
+
+    fd = _HELD.pop(str(Path(storage) / name), None)
+    if fd is not None:
+        os.close(fd)
