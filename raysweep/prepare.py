@@ -75,8 +75,11 @@ class _ProgressLog:
 
         bar = self._bars.get(name)
         if bar is None:
+            # Into a file or a pipe (CI, nohup, a log) every redraw is a new line: one a minute there.
+            interactive = sys.stderr.isatty()
             bar = self._bars[name] = tqdm(total=total, desc=f"[prepare] {name}", unit="step",
-                                          position=len(self._bars), dynamic_ncols=True)
+                                          position=len(self._bars), dynamic_ncols=True,
+                                          mininterval=0.1 if interactive else 60)
         bar.update(step - bar.n)
 
     def close(self) -> None:
