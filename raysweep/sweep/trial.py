@@ -182,13 +182,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def divergence_message(err: BaseException) -> str | None:
     """``"DivergenceError: ..."`` if a ``DivergenceError`` is anywhere in ``err``'s chain."""
-    seen: set[int] = set()
-    stack: list[Any] = [err]
-    while stack:
-        exc = stack.pop()
-        if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
-            continue
-        seen.add(id(exc))
+    for exc in _exception_chain(err, also=("controller_failure", "_error")):
         names = {cls.__name__ for cls in type(exc).__mro__}
         if "DivergenceError" in names or "TrialDiverged" in names:
             text = str(exc).strip().splitlines()
@@ -198,17 +192,12 @@ def divergence_message(err: BaseException) -> str | None:
                 if prefix in last:
                     last = last.split(prefix, 1)[1]
             return f"DivergenceError: {last}"
-        stack.extend([exc.__cause__, exc.__context__, getattr(exc, "cause", None)])
-        failures = getattr(exc, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(failures.values())
-        for attr in ("controller_failure", "_error"):
-            stack.append(getattr(exc, attr, None))
     return None
 
 
-def _exception_chain(err: BaseException):
-    """``err``, its causes and contexts, and the per-rank failures of a Ray Train error."""
+def _exception_chain(err: BaseException, also: tuple[str, ...] = ()):
+    """``err``, its causes and contexts, and the per-rank failures of a Ray Train error (and the
+    exceptions held in the attributes named in ``also``)."""
     seen: set[int] = set()
     stack: list[Any] = [err]
     while stack:
@@ -221,6 +210,7 @@ def _exception_chain(err: BaseException):
         failures = getattr(exc, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(failures.values())
+        stack.extend(getattr(exc, attr, None) for attr in also)
 
 
 def worker_death_message(err: BaseException) -> str | None:
