@@ -90,3 +90,20 @@ def test_two_sweeps_started_together_in_one_directory(tmp_path):
             assert r.info.status == "FINISHED"
     assert sorted(sorted(v) for v in by_parent.values()) == sorted(trial_ids.values())
     assert set(by_parent) == {p.info.run_id for p in parents}
+
+
+def test_a_held_name_or_resume_exits_2_with_one_line(tmp_path, capsys):
+    import argparse
+
+    from raysweep.sweep.storage import claim_experiment
+    from raysweep.tune import claim
+
+    storage = str(tmp_path / "results")
+    claim_experiment(storage, "exp", rename=False)  # another sweep holds it
+    for resume, flag in ((False, "--name"), (True, "--resume")):
+        with pytest.raises(SystemExit) as exit_info:
+            claim(argparse.Namespace(name="exp", resume=resume), storage, "exp")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and flag in err and "another sweep" in err, err
+    assert claim(argparse.Namespace(name=None, resume=False), storage, "exp") == "exp-2"
