@@ -201,8 +201,33 @@ def test_trial_epochs_without_asha_are_the_planned_epochs():
         planned = plan.trial_epoch_plan(sweep, random.Random(seed))
         assert len(planned) == 10 and all(2 <= e <= 6 for e in planned)
         assert planned[:2] == [5, 5]  # the enqueued paper defaults: 5 epochs each
-        _, epochs = plan.simulate(sweep, 2, 1.0, 1.0, seed)
-        assert epochs == sum(plan.trial_epoch_plan(sweep, random.Random(seed)))
+        _, epochs, evaluations = plan.simulate(sweep, 2, 1.0, 1.0, 1.0, seed)
+        assert epochs == evaluations == sum(plan.trial_epoch_plan(sweep, random.Random(seed)))
+
+
+def test_eval_every_rungs_counts_only_rung_and_last_epochs():
+    """Under ``eval.every: rungs`` the simulated sweep pays an evaluation only at the rung epochs
+    (2, 4 and max_t 8 for grace 2, rf 2) and at each trial's last epoch; the training is the same."""
+    base = {"methods": ["GA+GD", "ME+GD"], "space": {"epochs": {"int": [2, 8]}}, "num_samples": 12}
+    no_asha = {**base, "scheduler": {"type": "none"}}
+    every = parse_config({"search": no_asha, "experiment": {"eval": {"every": "epoch"}}})
+    rungs = parse_config({"search": no_asha, "experiment": {"eval": {"every": "rungs"}}})
+    for seed in range(3):
+        planned = plan.trial_epoch_plan(rungs, random.Random(seed))
+        wall_e, epochs_e, evals_e = plan.simulate(every, 1, 0.0, 1.0, 10.0, seed)
+        wall_r, epochs_r, evals_r = plan.simulate(rungs, 1, 0.0, 1.0, 10.0, seed)
+        assert epochs_e == epochs_r == evals_e == sum(planned)
+        assert evals_r == len(planned)  # no scheduler, no rungs: the last epoch only
+        assert wall_e == pytest.approx(11.0 * sum(planned)) and wall_r == pytest.approx(sum(planned) + 10.0 * len(planned))
+    asha = parse_config({"search": {**base, "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
+                         "experiment": {"eval": {"every": "rungs"}}})
+    assert plan.evaluated_epochs(asha) == {2, 4, 8}
+    for seed in range(3):
+        planned = plan.trial_epoch_plan(asha, random.Random(seed))
+        _, epochs, evals = plan.simulate(asha, 2, 0.0, 1.0, 1.0, seed)
+        # a trial of e epochs evaluates at most at the rungs <= e and at e
+        assert len(planned) <= evals <= sum(len({r for r in (2, 4, 8) if r <= e} | {e}) for e in planned)
+        assert evals < epochs
 
 
 def test_grid_trials_are_the_grid_points():
@@ -212,11 +237,14 @@ def test_grid_trials_are_the_grid_points():
 
 
 def test_estimate_reproduces_docs_scaling_for_tofu():
-    """docs/SCALING.md 3.4/3.5 (1 node, 4 trials at once): ≈ 221 trial-epochs with ASHA, ≈ 375
-    without, central wall time 7.5 h. The dry run's estimate must agree with its own source."""
+    """docs/SCALING.md 3.4/3.5 (1 node, 4 trials at once, an evaluation every epoch): ≈ 221
+    trial-epochs with ASHA, ≈ 375 without, central wall time 7.5 h. The dry run's estimate must
+    agree with its own source."""
     sweep = load_config(REPO / "search_spaces" / "tofu.yaml")
-    assert sweep.search.num_samples == 64
+    assert sweep.search.num_samples == 64 and sweep.experiment.eval.every == "rungs"
+    sweep.experiment.eval.every = "epoch"  # what SCALING.md 3.4/3.5 assume
     est = plan.estimate(sweep, concurrent=4, runs=60)
+    assert est.evaluations_mean == est.epochs_mean
     assert abs(est.epochs_mean - 221) / 221 < 0.08, est
     assert abs(est.epochs_no_asha - 375) / 375 < 0.05, est
     assert abs(est.wall_h[1] - 7.5) / 7.5 < 0.1, est
@@ -225,6 +253,18 @@ def test_estimate_reproduces_docs_scaling_for_tofu():
     # GPU-hours held by trials: 2 GPUs x (64 x 3 min + ~221 x 7 min) ≈ 58 h, central.
     assert 50 < est.gpu_h[1] < 66, est
     assert "docs/SCALING.md" in est.source and "not measured" in est.source
+
+
+def test_estimate_of_tofu_under_eval_every_rungs():
+    """tofu.yaml as shipped (``eval.every: rungs``, rungs at epochs 2, 4, 8, max_t 10): the same
+    training, about half the evaluations (docs/SCALING.md 3.6's E_eval), so ~40 % fewer GPU-hours."""
+    sweep = load_config(REPO / "search_spaces" / "tofu.yaml")
+    est = plan.estimate(sweep, concurrent=4, runs=60)
+    assert plan.evaluated_epochs(sweep) == {2, 4, 8, 10}
+    assert abs(est.epochs_mean - 221) / 221 < 0.08, est
+    assert 0.4 < est.evaluations_mean / est.epochs_mean < 0.6, est
+    # 2 GPUs x (64 x 3 + ~221 x 0.4 + ~110 x 6.6 min) / 60 ≈ 33 h, central
+    assert 28 < est.gpu_h[1] < 38, est
 
 
 @pytest.mark.slow

@@ -30,19 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Per-trial fixed cost and per trial-epoch cost (training + evaluation), in minutes, as
+# Per-trial fixed cost, and per trial-epoch training and evaluation costs, in minutes, as
 # (low, central, high). GPU: docs/SCALING.md §3.3 "Per trial fixed cost" ("Assumed 2 / 3 / 6 min
-# per trial") and its "One trial-epoch (training + evaluation): ≈ 2.9 / 7.0 / 27.7 min" — a 7B
-# model (tofu.yaml: Llama-2-7B, ZeRO-3 on 2 A100-40GB per trial, TOFU-size evaluation sets),
-# arithmetic from stated assumptions, not measured. The same figures are used for every GPU sweep.
+# per trial"), §3.1 "Training per epoch: ≈ 0.2 / 0.4 / 1.7 min" and §3.2 "Evaluation per epoch:
+# ≈ 2.7 / 6.6 / 26 min" (together §3.3's "One trial-epoch: ≈ 2.9 / 7.0 / 27.7 min") — a 7B model
+# (tofu.yaml: Llama-2-7B, ZeRO-3 on 2 A100-40GB per trial, TOFU-size evaluation sets), arithmetic
+# from stated assumptions, not measured. The same figures are used for every GPU sweep.
 GPU_SETUP_MIN = (2.0, 3.0, 6.0)
-GPU_EPOCH_MIN = (2.9, 7.0, 27.7)
+GPU_TRAIN_MIN = (0.2, 0.4, 1.7)
+GPU_EVAL_MIN = (2.7, 6.6, 26.0)
 # CPU: docs/BENCHMARKS.md, "The README's main command from a clean clone" (per epoch, two trials
 # sharing 2 cores: training 2.6-6.2 s + evaluation 15-49 s) and "Orchestration overhead" (a
 # trial's worker group starts in 14-18 s; a one-trial sweep's fixed cost 50-57 s). Measured for
 # the embedded tiny model only; central = midpoint.
 CPU_SETUP_MIN = (15 / 60, 35 / 60, 57 / 60)
-CPU_EPOCH_MIN = (17.6 / 60, 36.0 / 60, 55.2 / 60)
+CPU_TRAIN_MIN = (2.6 / 60, 4.4 / 60, 6.2 / 60)
+CPU_EVAL_MIN = (15 / 60, 32 / 60, 49 / 60)
 COST_SOURCE = {
     True: "docs/SCALING.md §3.3 (7B model, 2 x A100-40GB per trial; arithmetic, not measured on a GPU)",
     False: "docs/BENCHMARKS.md (embedded tiny model on a 2-core CPU, measured)",
@@ -59,9 +62,12 @@ class Estimate:
     epochs_p10: float
     epochs_p90: float
     epochs_no_asha: float
+    evaluations_mean: float  # evaluations per sweep (= trial-epochs under eval.every: epoch)
+    eval_every: str
     concurrent: int
     setup_min: tuple[float, float, float]
-    epoch_min: tuple[float, float, float]
+    train_min: tuple[float, float, float]
+    eval_min: tuple[float, float, float]
     wall_h: tuple[float, float, float]  # low, central, high (mean of the simulations)
     gpu_h: tuple[float, float, float]
     gpus_per_trial: float
@@ -169,20 +175,37 @@ def trial_epoch_plan(sweep: Any, rng: random.Random) -> list[int]:
     return plan[: search.num_samples]
 
 
-def simulate(sweep: Any, concurrent: int, setup: float, epoch: float, seed: int, asha: bool = True) -> tuple[float, int]:
-    """One random sweep: ``(wall minutes, trial-epochs)``. Trials start as slots free up; each
-    has a latent quality q ~ N(0, 1) and reports q + N(0, 0.3^2) per epoch to Ray's ASHA bracket."""
+def evaluated_epochs(sweep: Any) -> set[int] | None:
+    """The epochs at which a trial evaluates under ``experiment.eval.every``: None for ``epoch``
+    (all of them); for ``rungs``, the scheduler's rung epochs as the trials get them
+    (``experiment.eval.rung_epochs``; none without a scheduler) — a trial also evaluates at its
+    own last epoch, which :func:`simulate` adds per trial."""
+    if sweep.experiment.eval.every != "rungs":
+        return None
+    from raysweep.sweep.space import trial_rung_epochs
+
+    return set(trial_rung_epochs(sweep))
+
+
+def simulate(sweep: Any, concurrent: int, setup: float, train: float, evaluate: float, seed: int,
+             asha: bool = True) -> tuple[float, int, int]:
+    """One random sweep: ``(wall minutes, trial-epochs, evaluations)``. Trials start as slots free
+    up; each has a latent quality q ~ N(0, 1) and its objective at each evaluated epoch is
+    q + N(0, 0.3^2), fed to Ray's ASHA bracket. An epoch costs ``train`` minutes, plus ``evaluate``
+    when ``eval.every`` evaluates it (every epoch; or under ``rungs``, the rung epochs and the
+    trial's last). ASHA decides only at rung epochs, which ``rungs`` always evaluates, so its
+    decisions are the same under both settings."""
     import heapq
 
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     from raysweep.sweep.schedule import grace_epochs
-    from raysweep.sweep.space import SpaceBuilder
 
     rng = random.Random(seed)
     sched = sweep.search.scheduler
-    max_t = sched.max_t or SpaceBuilder(sweep).max_epochs()
+    max_t = _max_t(sweep)
     asha = asha and sched.type == "asha"
+    rungs = evaluated_epochs(sweep)
     bracket = _Bracket(min_t=grace_epochs(sweep, max_t), max_t=max_t, reduction_factor=sched.reduction_factor, s=0)
 
     class _T:
@@ -191,7 +214,10 @@ def simulate(sweep: Any, concurrent: int, setup: float, epoch: float, seed: int,
 
     pending = [(_T(i), min(e, max_t), rng.gauss(0, 1)) for i, e in enumerate(trial_epoch_plan(sweep, rng))]
     events: list = []
-    used, end, epochs_run, counter = 0, 0.0, 0, 0
+    used, end, epochs_run, evaluations, counter = 0, 0.0, 0, 0, 0
+
+    def cost(t: int, last: int) -> float:
+        return train + (evaluate if rungs is None or t in rungs or t == last else 0.0)
 
     def start(now: float) -> None:
         nonlocal used, counter
@@ -199,46 +225,52 @@ def simulate(sweep: Any, concurrent: int, setup: float, epoch: float, seed: int,
             tr = pending.pop(0)
             used += 1
             counter += 1
-            heapq.heappush(events, (now + setup + epoch, counter, tr, 1))
+            heapq.heappush(events, (now + setup + cost(1, tr[1]), counter, tr, 1))
 
     start(0.0)
     while events:
         now, _, tr, t = heapq.heappop(events)
         trial, e, q = tr
         epochs_run += 1
-        stop = asha and bracket.on_result(trial, t, q + rng.gauss(0, NOISE_SD)) == "STOP"
+        evaluated = rungs is None or t in rungs or t == e
+        evaluations += evaluated
+        stop = asha and evaluated and bracket.on_result(trial, t, q + rng.gauss(0, NOISE_SD)) == "STOP"
         if t >= e or stop:
             used -= 1
             end = max(end, now)
             start(now)
         else:
             counter += 1
-            heapq.heappush(events, (now + epoch, counter, tr, t + 1))
-    return end, epochs_run
+            heapq.heappush(events, (now + cost(t + 1, e), counter, tr, t + 1))
+    return end, epochs_run, evaluations
 
 
 def estimate(sweep: Any, concurrent: int, runs: int = SIMULATIONS) -> Estimate:
     res = sweep.search.resources
     use_gpu = bool(res.use_gpu and res.gpus_per_worker > 0)
-    setup_min, epoch_min = (GPU_SETUP_MIN, GPU_EPOCH_MIN) if use_gpu else (CPU_SETUP_MIN, CPU_EPOCH_MIN)
+    setup_min, train_min, eval_min = ((GPU_SETUP_MIN, GPU_TRAIN_MIN, GPU_EVAL_MIN) if use_gpu
+                                      else (CPU_SETUP_MIN, CPU_TRAIN_MIN, CPU_EVAL_MIN))
     gpus = res.num_workers * res.gpus_per_worker if use_gpu else 0.0
+    trials = len(trial_epoch_plan(sweep, random.Random(0)))
     walls, gpu_h = [], []
     epochs_central: list[int] = []
-    for i, (s, e) in enumerate(zip(setup_min, epoch_min)):
-        sims = [simulate(sweep, concurrent, s, e, seed) for seed in range(runs)]
-        walls.append(statistics.mean(w for w, _ in sims) / 60)
-        trials = len(trial_epoch_plan(sweep, random.Random(0)))
-        gpu_h.append(statistics.mean((trials * s + n * e) * gpus / 60 for _, n in sims))
+    evaluations: list[int] = []
+    for i, (s, t, e) in enumerate(zip(setup_min, train_min, eval_min)):
+        sims = [simulate(sweep, concurrent, s, t, e, seed) for seed in range(runs)]
+        walls.append(statistics.mean(w for w, _, _ in sims) / 60)
+        gpu_h.append(statistics.mean((trials * s + n * t + k * e) * gpus / 60 for _, n, k in sims))
         if i == 1:
-            epochs_central = sorted(n for _, n in sims)
+            epochs_central = sorted(n for _, n, _ in sims)
+            evaluations = [k for _, _, k in sims]
     no_asha = statistics.mean(sum(min(x, _max_t(sweep)) for x in trial_epoch_plan(sweep, random.Random(seed)))
                               for seed in range(runs))
     q = statistics.quantiles(epochs_central, n=10) if len(epochs_central) > 1 else [epochs_central[0]] * 9
     return Estimate(
-        trials=len(trial_epoch_plan(sweep, random.Random(0))), epochs_mean=statistics.mean(epochs_central),
-        epochs_p10=q[0], epochs_p90=q[-1], epochs_no_asha=no_asha, concurrent=concurrent,
-        setup_min=setup_min, epoch_min=epoch_min, wall_h=tuple(walls), gpu_h=tuple(gpu_h),
-        gpus_per_trial=gpus, source=COST_SOURCE[use_gpu],
+        trials=trials, epochs_mean=statistics.mean(epochs_central),
+        epochs_p10=q[0], epochs_p90=q[-1], epochs_no_asha=no_asha,
+        evaluations_mean=statistics.mean(evaluations), eval_every=sweep.experiment.eval.every,
+        concurrent=concurrent, setup_min=setup_min, train_min=train_min, eval_min=eval_min,
+        wall_h=tuple(walls), gpu_h=tuple(gpu_h), gpus_per_trial=gpus, source=COST_SOURCE[use_gpu],
     )
 
 
@@ -382,10 +414,13 @@ def dry_run(sweep: Any, space_file: str | Path, storage: str, name: str, address
                f"(simulated with Ray's ASHA bracket, {SIMULATIONS} random sweeps; TPE's learning not modelled)")
     wall = " / ".join(_duration(h * 60) for h in est.wall_h)
     setup = " / ".join(_duration(m) for m in est.setup_min)
-    epoch = " / ".join(_duration(m) for m in est.epoch_min)
+    train = " / ".join(_duration(m) for m in est.train_min)
+    evaluation = " / ".join(_duration(m) for m in est.eval_min)
+    out.append(f"expected evaluations: {est.evaluations_mean:.0f} (eval.every: {est.eval_every}"
+               + (", ASHA's rung epochs and each trial's last)" if est.eval_every == "rungs" else ")"))
     out.append(f"ESTIMATE, not a measurement — wall time {wall} (low / central / high) with {concurrent} trial(s) "
-               f"at once, from a fixed cost per trial of {setup} and a cost per trial-epoch of {epoch} taken from "
-               f"{est.source}")
+               f"at once, from a fixed cost per trial of {setup}, training per trial-epoch {train} and "
+               f"{evaluation} per evaluation, taken from {est.source}")
     if est.gpus_per_trial:
         glo, gmid, ghi = est.gpu_h
         out.append(f"ESTIMATE — GPU-hours used by trials: {glo:.0f} / {gmid:.0f} / {ghi:.0f} "
