@@ -10,6 +10,24 @@ cores, which is also its torch thread count), as the plain run uses torch's defa
 The embedded model is built (or found in the cache) before timing, so neither run pays for it.
 Per run it also sums the per-epoch ``time/train_s`` and ``time/eval_s`` the worker reports, so
 the overhead splits into fixed start-up/teardown and slower epochs.
+
+The sweep's fixed part is split on its timeline (``timeline``; wall-clock seconds, from the
+process start and end measured here, the trial's RUNNING time and per-epoch result timestamps
+in the trial's ``result.json``, and the trial's MLflow child run end):
+
+* ``sweep_start``: process start → Tune sets the trial RUNNING (imports, Ray start, MLflow store,
+  the searcher and the experiment directory);
+* ``trial_start``: trial RUNNING → its first epoch begins (the trial actor, the Train controller,
+  the worker group and its process group, model and evaluator set-up on the worker);
+* ``between_epochs``: Σ over epochs of (time between two results − the epoch's training and
+  evaluation): reporting through Train and Tune, MLflow logging;
+* ``trial_end``: last result → MLflow child run ended (worker group and controller shutdown,
+  the trial's completion through Tune);
+* ``sweep_end``: MLflow child run ended → process exit (trials.json, the report, MLflow parent,
+  Ray shutdown).
+
+``trial_start + between_epochs + trial_end`` is the fixed cost every trial of a sweep pays;
+``sweep_start + sweep_end`` is paid once per sweep.
 """
 
 from __future__ import annotations
@@ -33,6 +51,37 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return elapsed, proc.stdout
+
+
+def child_run_end(db: Path) -> float:
+    """The (single) trial's MLflow child run end, unix seconds."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if "mlflow.parentRunId" in r.data.tags]
+    if len(runs) != 1 or runs[0].info.end_time is None:
+        sys.exit(f"expected one finished MLflow child run in {db}, found {len(runs)}")
+    return runs[0].info.end_time / 1000.0
+
+
+def timeline(trial: dict, process_start: float, process_end: float, trial_end: float) -> dict[str, float]:
+    """The sweep's wall time split into its parts (see the module docstring), seconds."""
+    rows = [json.loads(line) for line in (Path(trial["path"]) / "result.json").read_text().splitlines()
+            if line.strip()]  # Tune's own rows: trials.json drops Tune's timestamps
+    rows = [r for r in rows if "objective" in r]
+    stamps = [float(r["timestamp"]) for r in rows]
+    work = [float(r.get("time/train_s", 0.0)) + float(r.get("time/eval_s", 0.0)) for r in rows]
+    started = float(trial["started"])
+    parts = {
+        "sweep_start": started - process_start,
+        "trial_start": stamps[0] - work[0] - started,
+        "epochs_train_eval": sum(work),
+        "between_epochs": sum(b - a - w for a, b, w in zip(stamps, stamps[1:], work[1:])),
+        "trial_end": trial_end - stamps[-1],
+        "sweep_end": process_end - trial_end,
+    }
+    return {k: round(v, 1) for k, v in parts.items()}
 
 
 def epoch_seconds(rows: list[dict]) -> tuple[float, float]:
@@ -71,17 +120,23 @@ def main() -> None:
         ensure_embedded_for(load_config(args.space).experiment)
         plain, out = timed([sys.executable, "-m", "raysweep.unlearn", "--config", args.space, *sets], tmp)
         plain_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        process_start = time.time()
         swept, _ = timed([sys.executable, "-m", "raysweep.tune", "--space", args.space, *sets,
                           "--storage", str(tmp / "results"), "--name", "overhead",
                           "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}"], tmp)
+        process_end = time.time()
         trials = json.loads((tmp / "results" / "overhead" / "trials.json").read_text())
         swept_rows = trials[0]["history"]
+        parts = timeline(trials[0], process_start, process_end, child_run_end(tmp / "mlflow.db"))
     (p_train, p_eval), (s_train, s_eval) = epoch_seconds(plain_rows), epoch_seconds(swept_rows)
     result = {"method": args.method, "epochs": args.epochs, "threads": os.cpu_count(),
               "unlearn_s": round(plain, 1), "tune_s": round(swept, 1), "ratio": round(swept / plain, 3),
               "unlearn_train_eval_s": [round(p_train, 1), round(p_eval, 1)],
               "tune_train_eval_s": [round(s_train, 1), round(s_eval, 1)],
-              "tune_fixed_s": round(swept - s_train - s_eval, 1), "unlearn_fixed_s": round(plain - p_train - p_eval, 1)}
+              "tune_fixed_s": round(swept - s_train - s_eval, 1), "unlearn_fixed_s": round(plain - p_train - p_eval, 1),
+              "tune_timeline_s": parts,
+              "tune_per_trial_fixed_s": round(parts["trial_start"] + parts["between_epochs"] + parts["trial_end"], 1),
+              "tune_per_sweep_fixed_s": round(parts["sweep_start"] + parts["sweep_end"], 1)}
     print(json.dumps(result))
 
 
