@@ -334,8 +334,19 @@ def write_report(res: dict, mode: Mode, args, out: Path) -> None:
                   "a few hundredths are within noise; Forget Quality from so few truth ratios per side is a coarse "
                   "KS p-value (it takes only a handful of values)."]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
+    out.write_text(portable("\n".join(lines) + "\n"))
+    out.with_suffix(".json").write_text(portable(json.dumps(res, indent=1, default=float)))
+
+
+def portable(text: str) -> str:
+    """``text`` with this machine's cache and checkout paths written as ``$RAYSWEEP_CACHE`` and
+    relative to the repository (``../shared/...``), so that the committed results name no host."""
+    from raysweep.smollm2 import default_cache_dir
+
+    for path, name in ((default_cache_dir().resolve(), "$RAYSWEEP_CACHE"), (ROOT.resolve(), "."),
+                       (ROOT.parent.resolve(), "..")):
+        text = text.replace(str(path) + "/", name + "/")
+    return text
 
 
 def main(argv=None) -> int:
