@@ -73,6 +73,8 @@ class SmolLM2Spec(BaseModel):
     data_path: str | None = Field(None, description="seed-layout TOFU directory, for source local")
     authors: int = Field(20, ge=1, le=20, description="forget10 authors kept (20 = all)")
     retain_authors: int = Field(180, ge=1, le=180, description="retain90 authors kept (180 = all)")
+    pairs_per_author: int | None = Field(None, ge=1, le=20, description="keep only the first N of each kept author's "
+                                         "20 QA pairs (a CPU slice over several authors; None: all 20)")
     max_pairs: int | None = Field(None, ge=1, description="keep only the first N QA pairs of forget10 and of retain90 "
                                   "(a smoke test; None: every pair of the authors kept)")
     max_length: int = Field(500, ge=16, description="tokens per training example (TOFU: 500)")
@@ -177,6 +179,9 @@ def load_tofu_subset(spec: SmolLM2Spec) -> dict[str, list[QARecord]]:
         "real_authors_perturbed": load("real_authors_perturbed"),
         "world_facts_perturbed": load("world_facts_perturbed"),
     }
+    if spec.pairs_per_author is not None:  # TOFU stores each author's 20 pairs together
+        for name in (FORGET_SPLIT, "forget10_perturbed", RETAIN_SPLIT, "retain_perturbed"):
+            splits[name] = [r for i, r in enumerate(splits[name]) if i % QA_PER_AUTHOR < spec.pairs_per_author]
     if spec.max_pairs is not None:
         for name in (FORGET_SPLIT, "forget10_perturbed", RETAIN_SPLIT, "retain_perturbed"):
             splits[name] = splits[name][:spec.max_pairs]

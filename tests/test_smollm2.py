@@ -126,3 +126,31 @@ def test_unprepared_names_exit_2(tmp_path, monkeypatch):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "smollm2" in proc.stderr and "prepare --model smollm2" in proc.stderr
+
+
+def test_pairs_per_author_keeps_the_first_pairs_of_each_author(tmp_path):
+    """``pairs_per_author`` cuts every kept author (TOFU stores each author's 20 pairs together)
+    to its first N pairs, in all four forget/retain splits, keeping them aligned."""
+    from raysweep.smollm2 import SmolLM2Spec, load_tofu_subset
+
+    def author_rows(who: str, n_authors: int, perturbed: bool, task: bool) -> list[dict]:
+        rows = [{**_qa(j, f"{who}{a}", perturbed)} for a in range(n_authors) for j in range(20)]
+        return [{"task_id": "1", **r} for r in rows] if task else rows
+
+    data = tmp_path / "tofu"
+    data.mkdir()
+    for name, rows in {"forget10": author_rows("F", 3, False, True),
+                       "forget10_perturbed": author_rows("F", 3, True, True),
+                       "retain90": author_rows("R", 3, False, False),
+                       "retain_perturbed": author_rows("R", 3, True, False),
+                       "real_authors_perturbed": [_qa(0, "Real", True)],
+                       "world_facts_perturbed": [_qa(0, "World", True)]}.items():
+        (data / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SmolLM2Spec(source="local", data_path=str(data), authors=2, retain_authors=3, pairs_per_author=4)
+    splits = load_tofu_subset(spec)
+    assert [r.question for r in splits["forget10"]] == [_qa(j, f"F{a}", False)["question"]
+                                                        for a in range(2) for j in range(4)]
+    assert [r.question for r in splits["retain_perturbed"]] == [r.question for r in splits["retain90"]]
+    assert len(splits["retain90"]) == 12 and {r.question.split()[-2] for r in splits["retain90"]} == {"R0", "R1", "R2"}
+    whole = load_tofu_subset(SmolLM2Spec(source="local", data_path=str(data), authors=2, retain_authors=3))
+    assert len(whole["forget10"]) == 40  # None keeps all 20 pairs of each author
