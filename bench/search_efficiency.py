@@ -151,6 +151,8 @@ def curve(path: Path) -> list[dict]:
     """Every reported epoch of a sweep, in arrival order, with the best objective so far."""
     from ray.tune import ExperimentAnalysis
 
+    from raysweep.sweep.results import sampled_params  # a grid trial nests its point under grid_point
+
     analysis = ExperimentAnalysis(str(path))
     rows = []
     for trial in analysis.trials:
@@ -163,7 +165,7 @@ def curve(path: Path) -> list[dict]:
             if record.get("objective") is None:
                 continue
             rows.append({"time": float(record["timestamp"]), "trial": trial.trial_id,
-                         "method": trial.config.get("method"), "epoch": int(record["training_iteration"]),
+                         "method": sampled_params(trial.config).get("method"), "epoch": int(record["training_iteration"]),
                          "objective": float(record["objective"])})
     rows.sort(key=lambda r: (r["time"], r["trial"], r["epoch"]))
     best = float("-inf")
