@@ -4,6 +4,7 @@
                                       [--reduction-factor 2] [--keep-best-per-method] [--revisit]
                                       [--metric last|best_so_far] [--sampler tpe|random]
                                       [--space search_spaces/tiny.yaml] [--out docs/bench] [--work DIR]
+                                      [--grid-json docs/bench/search_efficiency_<suffix>.json]
 
 For each seed, two sweeps of ``python -m raysweep.tune`` over ME+GD and NPO+GD on the same
 embedded model, with the paper's α = 0.1 (ME+GD), α = 1, β = 0.1 (NPO+GD) fixed in both:
@@ -221,6 +222,9 @@ def main() -> None:
     parser.add_argument("--metric", choices=["last", "best_so_far"], default="last", help="search.scheduler.metric")
     parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
                         help="random: the baseline arm, random search with the same ASHA")
+    parser.add_argument("--grid-json", default=None,
+                        help="take the grid arm from an earlier search_efficiency*.json (same code and model) "
+                             "instead of running it again")
     parser.add_argument("--work", default=None, help="where sweeps go (kept; rerunning reuses finished ones)")
     args = parser.parse_args()
     work = Path(args.work or (Path.cwd() / "bench-search-efficiency")).resolve()
@@ -244,7 +248,12 @@ def main() -> None:
         return {"path": str(path), "wall_s": round(seconds, 1), "trial_epochs": len(rows),
                 "best": max(r["objective"] for r in rows), "curve": rows}
 
-    grid = arm_result("grid", 0)
+    if args.grid_json:  # the grid does not depend on the search seed: reuse a recorded one
+        grid = json.loads(Path(args.grid_json).read_text())[0]["grid"]
+        print(f"[bench] grid: from {args.grid_json} (best {grid['best']:.4f}, {grid['trial_epochs']} trial-epochs)",
+              flush=True)
+    else:
+        grid = arm_result("grid", 0)
     results = []
     for seed in args.seeds:
         result = {"seed": seed, "grid": grid, "tpe_asha": arm_result("tpe_asha", seed)}
