@@ -61,12 +61,21 @@ def main() -> None:
         wins += t_best > r_best
         print(f"| {seed} | {tpe[seed]['tpe_asha']['best']:.4f} | {tpe[seed]['tpe_asha']['trial_epochs']} | "
               f"{t_best:.4f} | {r_best:.4f} | {'yes' if t_best > r_best else 'no'} |")
-    median = statistics.median(within)
-    print(f"\ntarget 1 (median TPE+ASHA best within {budget} trial-epochs >= {grid_best - TOLERANCE:.4f}): "
-          f"{median:.4f} -> {'met' if median >= grid_best - TOLERANCE else 'NOT met'}")
-    need = 4 if len(seeds) == 5 else -(-4 * len(seeds) // 5)
-    print(f"target 2 (TPE > random at the same budget in >= {need} of {len(seeds)} seeds): {wins} -> "
-          f"{'met' if wins >= need else 'NOT met'}")
+    # target 1 needs only the TPE arm: over every TPE seed, also those the random arm lacks
+    tpe_within = [best_within(tpe[s]["tpe_asha"]["curve"], budget) for s in sorted(tpe)]
+    median = statistics.median(tpe_within)
+    print(f"\ntarget 1 (median over the {len(tpe)} TPE seeds of TPE+ASHA's best within {budget} trial-epochs "
+          f">= {grid_best - TOLERANCE:.4f}): {median:.4f} -> {'met' if median >= grid_best - TOLERANCE else 'NOT met'}")
+    if len(seeds) >= 5:
+        need = -(-4 * len(seeds) // 5)
+        print(f"target 2 (TPE > random at the same budget in >= {need} of {len(seeds)} seeds): {wins} -> "
+              f"{'met' if wins >= need else 'NOT met'}")
+    else:  # fewer than 5 shared seeds: say what is decided already, not a verdict
+        losses = len(seeds) - wins
+        state = (f"NOT met: TPE did not beat random in {losses} seeds already (at most 1 of 5 allowed)" if losses > 1
+                 else f"undecided: {5 - len(seeds)} seed(s) still to run")
+        print(f"target 2 (TPE > random at the same budget in >= 4 of 5 seeds): {wins} of {len(seeds)} "
+              f"shared seeds so far -> {state}")
 
     import matplotlib
 
