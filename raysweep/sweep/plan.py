@@ -175,37 +175,28 @@ def trial_epoch_plan(sweep: Any, rng: random.Random) -> list[int]:
     return plan[: search.num_samples]
 
 
-def evaluated_epochs(sweep: Any) -> set[int] | None:
-    """The epochs at which a trial evaluates under ``experiment.eval.every``: None for ``epoch``
-    (all of them); for ``rungs``, the scheduler's rung epochs as the trials get them
-    (``experiment.eval.rung_epochs``; none without a scheduler) — a trial also evaluates at its
-    own last epoch, which :func:`simulate` adds per trial."""
-    if sweep.experiment.eval.every != "rungs":
-        return None
-    from raysweep.sweep.space import trial_rung_epochs
-
-    return set(trial_rung_epochs(sweep))
-
-
 def simulate(sweep: Any, concurrent: int, setup: float, train: float, evaluate: float, seed: int,
              asha: bool = True) -> tuple[float, int, int]:
     """One random sweep: ``(wall minutes, trial-epochs, evaluations)``. Trials start as slots free
     up; each has a latent quality q ~ N(0, 1) and its objective at each evaluated epoch is
     q + N(0, 0.3^2), fed to Ray's ASHA bracket. An epoch costs ``train`` minutes, plus ``evaluate``
-    when ``eval.every`` evaluates it (every epoch; or under ``rungs``, the rung epochs and the
-    trial's last). ASHA decides only at rung epochs, which ``rungs`` always evaluates, so its
-    decisions are the same under both settings."""
+    when ``eval.every`` evaluates it — the epochs the worker itself evaluates
+    (:func:`raysweep.eval.schedule.evaluation_epochs` with the trial's rung epochs: every epoch, or
+    under ``rungs`` the rung epochs and the trial's last). ASHA decides only at rung epochs, which
+    ``rungs`` always evaluates, so its decisions are the same under both settings."""
     import heapq
 
     from ray.tune.schedulers.async_hyperband import _Bracket
 
+    from raysweep.eval.schedule import evaluation_epochs
     from raysweep.sweep.schedule import grace_epochs
+    from raysweep.sweep.space import trial_rung_epochs
 
     rng = random.Random(seed)
     sched = sweep.search.scheduler
     max_t = _max_t(sweep)
     asha = asha and sched.type == "asha"
-    rungs = evaluated_epochs(sweep)
+    every, rungs = sweep.experiment.eval.every, trial_rung_epochs(sweep)
     bracket = _Bracket(min_t=grace_epochs(sweep, max_t), max_t=max_t, reduction_factor=sched.reduction_factor, s=0)
 
     class _T:
@@ -213,11 +204,12 @@ def simulate(sweep: Any, concurrent: int, setup: float, train: float, evaluate: 
             self.trial_id = str(i)
 
     pending = [(_T(i), min(e, max_t), rng.gauss(0, 1)) for i, e in enumerate(trial_epoch_plan(sweep, rng))]
+    evaluated_at = {e: set(evaluation_epochs(every, e, rungs)) for _, e, _ in pending}
     events: list = []
     used, end, epochs_run, evaluations, counter = 0, 0.0, 0, 0, 0
 
     def cost(t: int, last: int) -> float:
-        return train + (evaluate if rungs is None or t in rungs or t == last else 0.0)
+        return train + (evaluate if t in evaluated_at[last] else 0.0)
 
     def start(now: float) -> None:
         nonlocal used, counter
@@ -232,7 +224,7 @@ def simulate(sweep: Any, concurrent: int, setup: float, train: float, evaluate: 
         now, _, tr, t = heapq.heappop(events)
         trial, e, q = tr
         epochs_run += 1
-        evaluated = rungs is None or t in rungs or t == e
+        evaluated = t in evaluated_at[e]
         evaluations += evaluated
         stop = asha and evaluated and bracket.on_result(trial, t, q + rng.gauss(0, NOISE_SD)) == "STOP"
         if t >= e or stop:
