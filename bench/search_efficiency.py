@@ -2,7 +2,7 @@
 
     python bench/search_efficiency.py [--seeds 0 1 2] [--grace 1|auto] [--startup N] [--tpe-space wide|grid-box]
                                       [--reduction-factor 2] [--keep-best-per-method] [--revisit]
-                                      [--metric last|best_so_far] [--sampler tpe|random]
+                                      [--metric last|best_so_far] [--sampler tpe|random] [--shared-params auto]
                                       [--space search_spaces/tiny.yaml] [--out docs/bench] [--work DIR]
                                       [--grid-json docs/bench/search_efficiency_<suffix>.json]
 
@@ -72,6 +72,7 @@ class TpeArm:
     revisit: bool = False
     metric: str = "last"
     sampler: str = "tpe"  # random: every trial a TPE start-up trial (random search, same ASHA)
+    shared: str = "none"  # search.shared_params: auto = one lr / epochs for both methods in TPE
 
     def suffix(self) -> str:
         """Run-name suffix; the settings of earlier runs keep their earlier names."""
@@ -84,13 +85,16 @@ class TpeArm:
                 + ("" if self.tpe_space == "wide" else "_" + self.tpe_space.replace("-", ""))
                 + ("" if self.reduction_factor == 2 else f"_rf{self.reduction_factor}")
                 + ("_keepbest" if self.keep_best else "") + ("_revisit" if self.revisit else "")
-                + ("_bestsofar" if self.metric == "best_so_far" else ""))
+                + ("_bestsofar" if self.metric == "best_so_far" else "")
+                + ("" if self.shared == "none" else f"_shared{self.shared}"))
 
     def label(self) -> str:
         startup = "default" if self.startup is None else self.startup
         search = "random" if self.sampler == "random" else f"TPE ({startup} start-up, {self.tpe_space})"
         guards = [g for g, on in (("keep best/method", self.keep_best), ("revisit", self.revisit),
                                   ("best so far", self.metric == "best_so_far")) if on]
+        if self.shared != "none" and self.sampler != "random":
+            search = search[:-1] + f", shared {self.shared})"
         return (f"{search} + ASHA (grace {self.grace}, rf {self.reduction_factor}"
                 + (", " + ", ".join(guards) if guards else "") + ")")
 
@@ -121,6 +125,8 @@ def sweep_args(arm: str, seed: int, tpe: TpeArm = TpeArm()) -> list[str]:
             f"metric: {tpe.metric}}}",
             f"search.num_samples={len(GRID_LRS) * len(GRID_EPOCHS) * 2}",
         ]
+        if tpe.shared != "none":
+            specific.append(f"search.shared_params={tpe.shared}")
         if tpe.sampler == "random":  # all trials TPE start-up trials: random search
             specific.append(f"search.tpe_startup_trials={len(GRID_LRS) * len(GRID_EPOCHS) * 2}")
         elif tpe.startup is not None:
@@ -222,6 +228,8 @@ def main() -> None:
     parser.add_argument("--metric", choices=["last", "best_so_far"], default="last", help="search.scheduler.metric")
     parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
                         help="random: the baseline arm, random search with the same ASHA")
+    parser.add_argument("--shared-params", default="none",
+                        help="search.shared_params of the TPE arm (none | auto | a YAML list)")
     parser.add_argument("--grid-json", default=None,
                         help="take the grid arm from an earlier search_efficiency*.json (same code and model) "
                              "instead of running it again")
@@ -239,7 +247,7 @@ def main() -> None:
 
     ensure_embedded_for(load_config(space).experiment)
     tpe = TpeArm(str(args.grace), args.startup, args.tpe_space, args.reduction_factor,
-                 args.keep_best_per_method, args.revisit, args.metric, args.sampler)
+                 args.keep_best_per_method, args.revisit, args.metric, args.sampler, args.shared_params)
     suffix = tpe.suffix()
 
     def arm_result(arm: str, seed: int) -> dict:

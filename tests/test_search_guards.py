@@ -198,6 +198,83 @@ def test_dedupe_on_optuna_never_repeats_a_point_of_a_small_space(capsys):
         assert len(set(proposals(True, seed))) == 4, seed
 
 
+# ----------------------------------------------------------------------------- shared parameters
+
+
+def _two_methods(shared, seed: int = 0, n: int = 12, **space) -> SweepConfig:
+    return SweepConfig.model_validate({"search": {
+        "methods": ["ME+GD", "NPO+GD"], "space": {"lr": {"loguniform": [1e-4, 1e-2]}, "epochs": 3, "beta": 0.1, **space},
+        "overrides": {"ME+GD": {"forget_coeff": {"uniform": [0.05, 0.5]}}},
+        "num_samples": n, "seed": seed, "enqueue_defaults": False, "shared_params": shared}})
+
+
+def test_shared_params_resolve_to_the_keys_with_one_range_and_name_them_plainly():
+    import optuna
+
+    cfg = _two_methods("auto", forget_coeff={"uniform": [0.1, 1.0]}, epochs={"int": [2, 5]})
+    assert cfg.search.shared_keys() == {"lr", "epochs"}  # forget_coeff: ME+GD's own range; beta fixed
+    assert _two_methods("none").search.shared_keys() == set()
+    assert _two_methods(["lr"]).search.shared_keys() == {"lr"}
+    builder = SpaceBuilder(cfg)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        trial = study.ask()
+        config = builder(trial)
+        assert set(trial.params) == {"method", "lr", "epochs", f"{config['method']}/forget_coeff"}
+        assert config["lr"] == trial.params["lr"] and config["epochs"] == trial.params["epochs"]
+        study.tell(trial, 0.5)
+    points = {p["method"]: p for p in builder.default_points()}
+    assert points["NPO+GD"]["lr"] == points["ME+GD"]["lr"] == 1e-4  # training lr 1e-5 clipped, plain name
+    assert "ME+GD/lr" not in points["ME+GD"] and "ME+GD/forget_coeff" in points["ME+GD"]
+    unshared = {p["method"]: p for p in SpaceBuilder(_two_methods("none")).default_points()}
+    assert "ME+GD/lr" in unshared["ME+GD"] and "lr" not in unshared["ME+GD"]
+
+
+def test_a_shared_param_with_two_ranges_or_an_unknown_key_exits_2_naming_the_key(tmp_path, capsys):
+    import yaml
+
+    from raysweep.config import load_or_exit
+
+    for shared, message in ((["lr", "forget_coeff"], "search.shared_params.1: forget_coeff is searched over "
+                             "different ranges by ME+GD and NPO+GD: a shared parameter needs one range"),
+                            (["alpha"], "search.shared_params.0: 'alpha' is not a search parameter")):
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump({"search": {
+            "methods": ["ME+GD", "NPO+GD"], "space": {"forget_coeff": {"uniform": [0.1, 1.0]}},
+            "overrides": {"ME+GD": {"forget_coeff": {"uniform": [0.05, 0.5]}}}, "shared_params": shared}}))
+        with pytest.raises(SystemExit) as info:
+            load_or_exit(path)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {path}: {message}"), err
+
+
+def test_a_shared_lr_lets_tpe_learn_from_every_methods_trials():
+    """The objective peaks at lr = 1e-3 for both methods. After the start-up trials, a per-method
+    TPE has one or two observations of each method's lr and proposes no better than random (mean
+    |log10 lr + 3| = 0.5 for uniform draws); one shared lr is fitted to all trials and proposes
+    nearer the peak, in every seed."""
+    import math
+
+    def distance_after_startup(shared: str, seed: int) -> float:
+        cfg = _two_methods(shared, seed=seed)
+        searcher = build_searcher(cfg, SpaceBuilder(cfg))
+        searcher.set_search_properties("objective", "max", {})
+        out = []
+        for i in range(cfg.search.num_samples):
+            config = searcher.suggest(f"t{i}")
+            distance = abs(math.log10(config["lr"]) + 3)
+            if i >= cfg.search.startup_trials():
+                out.append(distance)
+            searcher.on_trial_complete(f"t{i}", {"objective": 1 - distance})
+        return sum(out) / len(out)
+
+    per_method = [distance_after_startup("none", seed) for seed in range(5)]
+    shared = [distance_after_startup("auto", seed) for seed in range(5)]
+    assert all(s < p for s, p in zip(shared, per_method)), (shared, per_method)
+    assert sum(shared) / 5 < 0.45 < sum(per_method) / 5, (shared, per_method)
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -259,6 +336,7 @@ GUARDED = {
         "seed": 0,  # a seed whose order exercises the per-method floor (checked below)
         "enqueue_defaults": False,
         "dedupe": True,
+        "shared_params": "auto",  # lr: one Optuna parameter for both methods
         "scheduler": {"type": "asha", "grace_period": "auto", "reduction_factor": 2, "metric": "best_so_far",
                       "keep_best_per_method": True, "revisit": True},
     },
@@ -323,10 +401,31 @@ def test_search_guards_through_tune(tmp_path):
     parent = next(r for r in runs if TAG_PARENT not in r.data.tags).data.params
     assert {k: parent[k] for k in ("search.scheduler.grace_period", "search.scheduler.grace_epochs",
                                    "search.scheduler.metric", "search.scheduler.keep_best_per_method",
-                                   "search.scheduler.revisit", "search.dedupe")} == {
+                                   "search.scheduler.revisit", "search.dedupe", "search.shared_params")} == {
         "search.scheduler.grace_period": "auto", "search.scheduler.grace_epochs": "2",
         "search.scheduler.metric": "best_so_far", "search.scheduler.keep_best_per_method": "True",
-        "search.scheduler.revisit": "True", "search.dedupe": "True"}
+        "search.scheduler.revisit": "True", "search.dedupe": "True", "search.shared_params": "auto"}
+    # shared_params: the searcher Tune saved modelled one "lr" over both methods' trials
+    import pickle
+
+    import optuna
+
+    studies = []
+
+    def walk(obj, depth=0):
+        if isinstance(obj, optuna.Study):
+            studies.append(obj)
+        elif depth < 6 and isinstance(obj, dict):
+            for value in obj.values():
+                walk(value, depth + 1)
+        elif depth < 6 and hasattr(obj, "__dict__"):
+            walk(vars(obj), depth + 1)
+
+    walk(pickle.loads(next(path.glob("searcher-state-*.pkl")).read_bytes()))
+    assert studies, "no Optuna study in the saved searcher state"
+    told = studies[0].get_trials(deepcopy=False)
+    assert {frozenset(t.params) for t in told} == {frozenset({"method", "lr"})}
+    assert {t.params["method"] for t in told} == {"GA+GD", "NPO+GD"}
 
     # best.yaml: the best trial as an experiment file, which reproduces its reported epochs
     best = json.loads((path / "best.json").read_text())

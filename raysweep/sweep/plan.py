@@ -166,7 +166,7 @@ def trial_epoch_plan(sweep: Any, rng: random.Random) -> list[int]:
     if search.enqueue_defaults:
         for point in space.default_points():
             method = point["method"]
-            value = point.get(SpaceBuilder.param_name(method, "epochs"))
+            value = point.get(space.param_name(method, "epochs"))
             plan.append(int(value) if value is not None else _epoch_options(space.spaces[method].epochs,
                                                                              sweep.experiment.training.epochs)[0])
     while len(plan) < search.num_samples:

@@ -67,7 +67,8 @@ class SpaceBuilder:
     """Optuna define-by-run space: ``method`` first, then that method's own parameters.
 
     Optuna's parameter names are namespaced per method (``"ME+GD/lr"``) so that TPE models each
-    method's space separately; the returned dict also holds them flat (``lr``, ``epochs``, ...),
+    method's space separately, except the ``search.shared_params`` (``"lr"``: one distribution that
+    TPE fits to every method's trials); the returned dict also holds them flat (``lr``, ``epochs``, ...),
     which is what the trial and the progress table read. β is sampled only for methods that use
     it (NPO, DPO, AP): a GA trial's config has no ``beta``. A parameter given as a scalar is fixed;
     one not given at all takes ``experiment.training``'s value (shown in the table, not searched).
@@ -78,6 +79,7 @@ class SpaceBuilder:
     def __init__(self, sweep: SweepConfig):
         search, training = sweep.search, sweep.experiment.training
         self.methods = list(search.methods)
+        self.shared = frozenset(search.shared_keys())
         self.spaces = {m: search.space_for(m) for m in self.methods}
         self.training_values = {
             "lr": training.lr,
@@ -93,9 +95,10 @@ class SpaceBuilder:
             "lora_r": training.lora.r if training.lora.enabled else 0,
         }
 
-    @staticmethod
-    def param_name(method: str, key: str) -> str:
-        return f"{method}/{key}"
+    def param_name(self, method: str, key: str) -> str:
+        """Optuna's name for ``key`` in ``method``'s space: ``"ME+GD/lr"``, or plain ``"lr"`` for a
+        parameter in ``search.shared_params`` (one distribution, modelled over all methods' trials)."""
+        return key if key in getattr(self, "shared", ()) else f"{method}/{key}"
 
     def keys_for(self, method: str) -> list[str]:
         return [k for k in PARAM_KEYS if k != "beta" or uses_beta(method)]
@@ -183,7 +186,8 @@ def build_searcher(sweep: SweepConfig, space: SpaceBuilder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # multivariate + group: TPE models each method's (conditional) parameters jointly;
-        # constant_liar: concurrent trials do not all pick the same point.
+        # constant_liar: concurrent trials do not all pick the same point. With shared_params,
+        # the method and the shared parameters form one group, modelled over every trial.
         sampler = optuna.samplers.TPESampler(
             seed=search.seed, multivariate=True, group=True, constant_liar=True,
             n_startup_trials=search.startup_trials(),
