@@ -12,8 +12,8 @@ computed once).  It writes ``docs/bench/table4_smollm2.md``: MU, FE, Avg. = (MU 
 per method beside the paper's Table 4 / Table 7 Llama2-7B forget10 values, read at run time from
 ``../shared/reference/paper_table4.md``, and the paper's three ordering claims checked on both.
 
-CPU mode (sized from a measurement, see ``CPU``): 1 forget10 author and 1 retain author (20 + 20 QA
-pairs), training length 128, the ``raysweep`` protocol (the ``seed`` protocol evaluates 300
+CPU mode (sized from a measurement, see ``CPU``): 4 forget10 authors and 4 retain authors, 5 QA
+pairs each (20 + 20), training length 112, the ``raysweep`` protocol (the ``seed`` protocol evaluates 300
 questions per set and pads every sample to ``max_length``, which a 2-core CPU cannot afford),
 10 questions per evaluation set, no NLI model (ES left out), no membership inference.
 GPU mode: TOFU's full recipe (all 20 forget10 authors, 180 retain authors, length 500),
@@ -59,23 +59,25 @@ class Mode:
     unlearn_lr: float | None = None  # None: the YAML's experiment.training.lr
 
 
-# CPU, sized from a measurement on the shared 2-core machine (five other jobs running: this process
-# got ~0.4 of a core): one forward + backward of SmolLM2-135M on 8 x 128 tokens took 81 s, greedy
-# generation ~1.5 s per token at batch 16.  Hence 8 + 8 QA pairs (one author each way), length 112,
-# one unlearning epoch of 2 steps, 5 questions on the forget and retain sets only, ES left out.
+# CPU, sized from measurements on the 2-core machine.  The first CPU run (session 7, 1 + 1 author,
+# 8 + 8 pairs, 2 optimizer steps, with other jobs on the cores) took 17.8 min, 13.3 of them the
+# fine-tune, ~23 s per method.  A "few authors" slice costs roughly pairs x steps more: 4 forget10
+# + 4 retain90 authors x 5 pairs (20 + 20), 2 unlearning epochs of 5 steps (10 optimizer steps, so
+# that there is some "later" training in which NPO's and GA's forgetting can part), 10 forget and
+# 10 retain questions evaluated: estimated ~25-35 min on two quiet cores.
 CPU = Mode(
     name="cpu",
-    prepare=dict(authors=1, retain_authors=1, max_pairs=8, max_length=112, epochs=6, lr=5e-4,
+    prepare=dict(authors=4, retain_authors=4, pairs_per_author=5, max_length=112, epochs=6, lr=5e-4,
                  effective_batch_size=4, per_device_batch_size=4, eval_max_new_tokens=64),
     overrides=[
         "experiment.protocol=raysweep",
         "experiment.data.max_length=112",
-        "experiment.eval.max_forget_samples=5",
-        "experiment.eval.max_samples=5",
+        "experiment.eval.max_forget_samples=10",
+        "experiment.eval.max_samples=10",
         "experiment.eval.max_length=112",
-        "experiment.eval.batch_size=5",
+        "experiment.eval.batch_size=10",
         "experiment.eval.privacy=false",
-        "experiment.training.epochs=1",
+        "experiment.training.epochs=2",
         "experiment.training.effective_batch_size=4",
         "experiment.training.per_device_batch_size=4",
         "search.resources.use_gpu=false",
@@ -84,12 +86,12 @@ CPU = Mode(
     eval_sets=("forget", "retain"),
     baselines=("target (before unlearning)",),
     notes=["protocol raysweep (seed pads to max_length and evaluates 300 questions per set)",
-           "fine-tuning and unlearning on the first 8 QA pairs of one forget10 author and of one retain90 author, "
-           "length 112; fine-tune lr 5e-4, 6 epochs, batch 4",
+           "fine-tuning and unlearning on the first 5 QA pairs of each of 4 forget10 authors and of 4 retain90 "
+           "authors, length 112; fine-tune lr 5e-4, 6 epochs, batch 4",
            "unlearning lr = the fine-tune's lr (the paper fine-tuned and unlearned Llama2-7B at the same 1e-5)",
-           "evaluation on 5 forget and 5 retain questions only (no real-authors / world-facts sets: MU is the "
+           "evaluation on 10 forget and 10 retain questions only (no real-authors / world-facts sets: MU is the "
            "retain set's), prompt + answer <= 112 tokens, no NLI model (ES left out of MU/FE)",
-           "1 epoch, batch 4 (2 optimizer steps), evaluated after it",
+           "2 epochs, batch 4, evaluated after the last",
            "methods in the order the ordering claims need them, until the 45-minute budget is spent"],
     methods=("ME+GD", "GA+GD", "IDK+AP", "IDK+GD", "NPO+GD", "GA+KL", "NPO+KL", "DPO+GD", "DPO+KL", "ME+KL", "DPO+AP"),
     unlearn_lr=5e-4,
@@ -170,6 +172,7 @@ def run_benchmark(mode: Mode, args) -> dict:
     from raysweep.train import run_unlearning
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     prep = dict(mode.prepare)
     if args.data_path or SHARED_TOFU.is_dir():
@@ -254,6 +257,7 @@ def run_benchmark(mode: Mode, args) -> dict:
     return {"mode": mode.name, "spec": spec.model_dump(mode="json"), "prepare_stats": art.stats,
             "prepare_seconds": prepare_s, "cache_entry": str(art.root), "overrides": base, "baselines": baselines,
             "runs": runs, "skipped": skipped, "wall_seconds": time.perf_counter() - t0,
+            "loadavg": [load_start, os.getloadavg()[0]],
             "n_eval": {k: len(v.records) for k, v in data.eval_sets.items()},
             "n_forget": len(data.forget), "n_retain": len(data.retain)}
 
@@ -271,7 +275,7 @@ def write_report(res: dict, mode: Mode, args, out: Path) -> None:
         "",
         f"Command: `{args.command}`  ",
         f"Mode: **{mode.name}**. Machine: {platform.machine()}, {os.cpu_count()} CPU cores"
-        f"{' (shared with other jobs: timings are contended)' if mode.name == 'cpu' else ''}, "
+        f" (load average {res['loadavg'][0]:.1f} at the start, {res['loadavg'][1]:.1f} at the end), "
         f"torch {__import__('torch').__version__}, Python {platform.python_version()}.  ",
         f"Wall time: **{res['wall_seconds'] / 60:.1f} min** (model preparation {res['prepare_seconds'] / 60:.1f} min "
         f"of it; the fine-tune itself: build {st['build_seconds'] / 60:.1f} min when it was built).",
@@ -329,8 +333,10 @@ def write_report(res: dict, mode: Mode, args, out: Path) -> None:
     lines += ["", f"Agrees with the paper on: {', '.join(agree) or 'none'}.  ",
               f"Disagrees on: {', '.join(disagree) or 'none'}."]
     if mode.name == "cpu":
+        steps = "/".join(sorted({f"{r['train/optimizer_steps']:.0f}" for r in defaults.values()
+                                 if r.get("train/optimizer_steps") is not None})) or "?"
         lines += ["", f"These are single runs on a tiny slice ({res['n_forget']} forget QA pairs, "
-                  f"{res['n_eval'].get('forget')} forget questions evaluated, two optimizer steps), so differences of "
+                  f"{res['n_eval'].get('forget')} forget questions evaluated, {steps} optimizer steps), so differences of "
                   "a few hundredths are within noise; Forget Quality from so few truth ratios per side is a coarse "
                   "KS p-value (it takes only a handful of values)."]
     out.parent.mkdir(parents=True, exist_ok=True)
