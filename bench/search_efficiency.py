@@ -199,13 +199,13 @@ def plot(results: list[dict], out: Path, tpe: TpeArm) -> None:
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
         rows = result["tpe_asha"]["curve"]
         ax.step([r["trial_epochs"] for r in rows], [r["best"] for r in rows], where="post", color=color,
-                alpha=0.85, label=f"{tpe.label()}, seed {result['seed']}")
+                alpha=0.85, label=f"seed {result['seed']}")
     grid_total = max(r["grid"]["trial_epochs"] for r in results)
     ax.axvline(TARGET * grid_total, color="tab:red", linestyle="--", label=f"{TARGET:.0%} of the grid's trial-epochs")
     ax.set_xlabel("cumulative trial-epochs")
     ax.set_ylabel("best objective so far, (MU + FE) / 2")
     ax.set_title(f"Search efficiency on the embedded default ({len(results)} seeds)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize="small", title=tpe.label(), title_fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
