@@ -90,11 +90,10 @@ class TpeArm:
 
     def label(self) -> str:
         startup = "default" if self.startup is None else self.startup
-        search = "random" if self.sampler == "random" else f"TPE ({startup} start-up, {self.tpe_space})"
+        shared = "" if self.shared == "none" else f", shared {self.shared}"
+        search = "random" if self.sampler == "random" else f"TPE ({startup} start-up, {self.tpe_space}{shared})"
         guards = [g for g, on in (("keep best/method", self.keep_best), ("revisit", self.revisit),
                                   ("best so far", self.metric == "best_so_far")) if on]
-        if self.shared != "none" and self.sampler != "random":
-            search = search[:-1] + f", shared {self.shared})"
         return (f"{search} + ASHA (grace {self.grace}, rf {self.reduction_factor}"
                 + (", " + ", ".join(guards) if guards else "") + ")")
 

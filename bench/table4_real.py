@@ -64,7 +64,8 @@ class Mode:
 # fine-tune, ~23 s per method.  A "few authors" slice costs roughly pairs x steps more: 4 forget10
 # + 4 retain90 authors x 5 pairs (20 + 20), 2 unlearning epochs of 5 steps (10 optimizer steps, so
 # that there is some "later" training in which NPO's and GA's forgetting can part), 10 forget and
-# 10 retain questions evaluated: estimated ~25-35 min on two quiet cores.
+# 10 retain questions evaluated: estimated ~25-35 min on two quiet cores; measured (session 8):
+# 15.7 min, the fine-tune 3.5 of them, ~55 s per method (docs/bench/table4_smollm2.md).
 CPU = Mode(
     name="cpu",
     prepare=dict(authors=4, retain_authors=4, pairs_per_author=5, max_length=112, epochs=6, lr=5e-4,

@@ -445,27 +445,28 @@ class SearchConfig(Strict):
             if key not in ParamSpace.model_fields:
                 raise _KeyedError(f"shared_params.{i}", f"{key!r} is not a search parameter "
                                   f"(one of {', '.join(ParamSpace.model_fields)})")
-            ranges = {m: getattr(self.space_for(m), key) for m in self.methods}
-            ranges = {m: r for m, r in ranges.items() if isinstance(r, Range)}
-            first = next(iter(ranges.items()), None)
-            for method, value in ranges.items():
-                if value != first[1]:
-                    raise _KeyedError(f"shared_params.{i}", f"{key} is searched over different ranges by "
-                                      f"{first[0]} and {method}: a shared parameter needs one range")
+            if (pair := self._range_conflict(key)) is not None:
+                raise _KeyedError(f"shared_params.{i}", f"{key} is searched over different ranges by "
+                                  f"{pair[0]} and {pair[1]}: a shared parameter needs one range")
         return self
 
+    def _searched_ranges(self, key: str) -> dict[str, Range]:
+        """``{method: its Range for key}`` over the methods that search ``key``."""
+        ranges = {m: getattr(self.space_for(m), key) for m in self.methods}
+        return {m: r for m, r in ranges.items() if isinstance(r, Range)}
+
+    def _range_conflict(self, key: str) -> tuple[str, str] | None:
+        """The first two methods that search ``key`` over different ranges, or None."""
+        ranges = list(self._searched_ranges(key).items())
+        return next(((ranges[0][0], m) for m, r in ranges[1:] if r != ranges[0][1]), None)
+
     def shared_keys(self) -> set[str]:
-        """The parameters TPE models across methods (``shared_params`` resolved)."""
+        """The parameters TPE models across methods (``shared_params`` resolved): the keys asked
+        for that some method searches and every method searching searches over one range."""
         if self.shared_params == "none":
             return set()
         keys = ParamSpace.model_fields if self.shared_params == "auto" else self.shared_params
-        out = set()
-        for key in keys:
-            ranges = [getattr(self.space_for(m), key) for m in self.methods]
-            ranges = [r for r in ranges if isinstance(r, Range)]
-            if ranges and all(r == ranges[0] for r in ranges):
-                out.add(key)
-        return out
+        return {k for k in keys if self._searched_ranges(k) and self._range_conflict(k) is None}
 
     def _override_keys(self, method: str) -> set[str]:
         spec = self.overrides.get(method)

@@ -34,6 +34,24 @@ def _copy_fixture(tmp_path: Path) -> Path:
     return path
 
 
+def instances_in(obj, cls, depth: int = 6) -> list:
+    """Every ``cls`` instance reachable from ``obj`` through dicts, lists, tuples and object
+    attributes, at most ``depth`` levels down (e.g. inside a Tune searcher-state pickle)."""
+    if isinstance(obj, cls):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [found for child in children for found in instances_in(child, cls, depth - 1)]
+
+
 def test_old_pickles_resolve_to_the_new_modules():
     import raysweep.sweep.space
     import raysweep.sweep.tracking
@@ -50,21 +68,7 @@ def test_old_pickles_resolve_to_the_new_modules():
     with open(next((FIXTURE / "old").glob("searcher-state-*.pkl")), "rb") as f:
         state = f.read()
     assert b"raysweep.tune" in state and b"SpaceBuilder" in state
-    found = []
-
-    def walk(obj, depth=0):
-        if isinstance(obj, raysweep.sweep.space.SpaceBuilder):
-            found.append(obj)
-        elif depth < 6 and isinstance(obj, dict):
-            for value in obj.values():
-                walk(value, depth + 1)
-        elif depth < 6 and isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value, depth + 1)
-        elif depth < 6 and hasattr(obj, "__dict__"):
-            walk(vars(obj), depth + 1)
-
-    walk(pickle.loads(state))
+    found = instances_in(pickle.loads(state), raysweep.sweep.space.SpaceBuilder)
     assert found and found[0].methods == ["ME+GD", "NPO+GD"]
     assert found[0].keys_for("NPO+GD")[-2:] == ["beta", "lora_r"] and "beta" not in found[0].keys_for("ME+GD")
 

@@ -409,19 +409,9 @@ def test_search_guards_through_tune(tmp_path):
     import pickle
 
     import optuna
+    from test_resume_old_layout import instances_in
 
-    studies = []
-
-    def walk(obj, depth=0):
-        if isinstance(obj, optuna.Study):
-            studies.append(obj)
-        elif depth < 6 and isinstance(obj, dict):
-            for value in obj.values():
-                walk(value, depth + 1)
-        elif depth < 6 and hasattr(obj, "__dict__"):
-            walk(vars(obj), depth + 1)
-
-    walk(pickle.loads(next(path.glob("searcher-state-*.pkl")).read_bytes()))
+    studies = instances_in(pickle.loads(next(path.glob("searcher-state-*.pkl")).read_bytes()), optuna.Study)
     assert studies, "no Optuna study in the saved searcher state"
     told = studies[0].get_trials(deepcopy=False)
     assert {frozenset(t.params) for t in told} == {frozenset({"method", "lr"})}

@@ -98,6 +98,7 @@ class SpaceBuilder:
     def param_name(self, method: str, key: str) -> str:
         """Optuna's name for ``key`` in ``method``'s space: ``"ME+GD/lr"``, or plain ``"lr"`` for a
         parameter in ``search.shared_params`` (one distribution, modelled over all methods' trials)."""
+        # getattr: a SpaceBuilder pickled before shared_params (a resumed sweep) has no .shared
         return key if key in getattr(self, "shared", ()) else f"{method}/{key}"
 
     def keys_for(self, method: str) -> list[str]:
